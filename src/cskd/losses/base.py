@@ -1,0 +1,88 @@
+"""The contract every distillation method follows, and the registry the engine builds methods from.
+
+A method is one :class:`DistillLoss` subclass plus a config block. The engine builds it with
+``build_loss(name, params, student_channels=..., teacher_channels=..., num_classes=...)``; ``params`` (the YAML
+block) is checked against the constructor's typed keyword arguments, so a new method needs no schema file:
+
+.. code-block:: python
+
+    @register_loss("kd")
+    class KDLoss(DistillLoss):
+        def __init__(self, *, student_channels: int, teacher_channels: int, num_classes: int,
+                     weight: float = 1.0, temperature: float = 1.0) -> None: ...
+
+        def forward(self, student: SegOutput, teacher: SegOutput, targets: Tensor | None = None) -> dict[str, Tensor]:
+            return {"kd": self.weight * ...}
+
+``forward`` returns named scalar terms, each already multiplied by its weight; the engine sums them, adds the task
+loss, and logs each name. Parameters a loss owns (CSKD's γ, a connector conv) are optimised with the student.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from ..config import validate_kwargs
+from ..errors import ConfigError
+from ..models.segmentor import SegOutput
+
+#: Constructor arguments the engine supplies; a config block may not set them.
+CONTEXT_ARGS = ("student_channels", "teacher_channels", "num_classes")
+
+
+class DistillLoss(nn.Module):
+    """Base class of distillation terms. See the module docstring for the contract."""
+
+    #: The smallest per-device batch for which the loss carries signal (CKA across samples needs 3).
+    min_batch_per_device: ClassVar[int] = 1
+    #: Whether ``forward`` needs the labels (``targets``: B×H×W int64 at input resolution, 255 = ignore).
+    needs_targets: ClassVar[bool] = False
+
+    def forward(  # type: ignore[override]
+        self, student: SegOutput, teacher: SegOutput, targets: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+LOSSES: dict[str, type[DistillLoss]] = {}
+
+
+def register_loss(name: str):  # noqa: ANN201 - decorator
+    def deco(cls: type[DistillLoss]) -> type[DistillLoss]:
+        if name in LOSSES and LOSSES[name] is not cls:
+            raise ValueError(f"distillation loss {name!r} registered twice")
+        LOSSES[name] = cls
+        cls.registered_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return deco
+
+
+def build_loss(
+    name: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    student_channels: int,
+    teacher_channels: int,
+    num_classes: int,
+    where: str = "config",
+) -> DistillLoss:
+    """Build the registered loss ``name`` from a config block, validated against its constructor."""
+    from . import _load_all  # registers the built-in methods
+
+    _load_all()
+    if name not in LOSSES:
+        raise ConfigError(f"{where}: unknown distillation loss '{name}'; registered: {', '.join(sorted(LOSSES))}")
+    cls = LOSSES[name]
+    kwargs = validate_kwargs(cls, params or {}, where, prefix=name, reserved=CONTEXT_ARGS)
+    try:
+        return cls(student_channels=student_channels, teacher_channels=teacher_channels, num_classes=num_classes,
+                   **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {name}: {e}") from None
+
+
+__all__ = ["CONTEXT_ARGS", "DistillLoss", "LOSSES", "build_loss", "register_loss"]

@@ -1,0 +1,155 @@
+"""Reading weights safely and fitting them into a model, with errors that say what does not fit.
+
+Every read goes through :func:`safe_load`, i.e. ``torch.load(..., weights_only=True)``: a checkpoint holds
+tensors and plain containers, and a file that would need to unpickle arbitrary objects (and could run code doing
+so) is refused.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+from .convert import backbone_state_dict, from_official, is_official_layout, unwrap_state_dict
+from .segmentor import Segmentor
+
+_MAX_LISTED = 8
+
+
+def safe_load(path: str | Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers, on the CPU, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: the file contains Python objects other than tensors and plain containers, "
+            f"and unpickling them could run code ({_first_line(e)}). Re-save only the state dict "
+            "(torch.save(model.state_dict(), path)) from code you trust."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint ({_first_line(e)}); the file is truncated or not a PyTorch "
+            "checkpoint. Copy it again or point to another file."
+        ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, Tensor]:
+    """The model weights inside a loaded file: a bare state dict, or one under ``model`` / ``state_dict`` /
+    ``student`` (cskd training checkpoints keep the student under ``model``)."""
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict", "student"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+                return dict(inner)
+        if obj and all(isinstance(v, Tensor) for v in obj.values()):
+            return dict(obj)
+    raise CheckpointError(
+        f"{source}: no state dict found (expected a mapping of parameter names to tensors, or one under the key "
+        "'model', 'state_dict' or 'student')"
+    )
+
+
+def _fit_report(
+    expected: Mapping[str, Tensor], given: Mapping[str, Tensor], ignore_missing: tuple[str, ...] = ()
+) -> tuple[list[str], list[str], list[str]]:
+    missing = [k for k in expected if k not in given and not k.endswith(ignore_missing)]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and tuple(given[k].shape) != tuple(v.shape)
+    ]
+    return missing, unexpected, mismatched
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return f"\n  {title} ({len(items)}): {shown}{more}"
+
+
+def check_fit(module: nn.Module, state: Mapping[str, Tensor], source: str, hint: str = "") -> None:
+    """Raise :class:`CheckpointError` listing missing / unexpected keys and shape mismatches, if any."""
+    expected = module.state_dict()
+    missing, unexpected, mismatched = _fit_report(expected, state)
+    if not (missing or unexpected or mismatched):
+        return
+    msg = f"{source}: the weights do not fit the model"
+    if missing:
+        msg += _listing("missing from the checkpoint", missing)
+    if unexpected:
+        msg += _listing("in the checkpoint but not in the model", unexpected)
+    if mismatched:
+        msg += _listing("shape mismatch", mismatched)
+    raise CheckpointError(msg + ("\n  " + hint if hint else ""))
+
+
+def _segmentor_hint(model: Segmentor, state: Mapping[str, Tensor]) -> str:
+    spec = model.spec
+    hints = []
+    cls = state.get("head.classifier.weight")
+    if cls is not None and cls.shape[0] != model.num_classes:
+        hints.append(
+            f"the checkpoint predicts {cls.shape[0]} classes and the model {model.num_classes}: build the model "
+            f"with num_classes={cls.shape[0]} (or fine-tune from the backbone only with a pretrained-base option)"
+        )
+    if spec is not None:
+        has_aux = any(k.startswith("aux_head.") for k in state)
+        if has_aux != spec.aux:
+            hints.append(f"the checkpoint {'has' if has_aux else 'has no'} auxiliary head: set aux={has_aux}")
+        hints.append(
+            f"the model is {spec.model}/{spec.backbone}; check that the checkpoint was trained for the same pair"
+        )
+    return "; ".join(hints)
+
+
+def load_weights(model: Segmentor, source: str | Path | Mapping[str, Tensor], strict: bool = True) -> None:
+    """Load a full segmentor checkpoint into ``model``: a cskd checkpoint or a published CSKD/CIRKD file
+    (detected by its ``pretrained.*`` keys and converted). ``strict`` (the default) requires an exact fit."""
+    name = str(source) if not isinstance(source, Mapping) else "state dict"
+    obj = safe_load(source) if not isinstance(source, Mapping) else source
+    state = extract_state_dict(obj, name)
+    if is_official_layout(state):
+        if model.spec is None:
+            raise CheckpointError(f"{name}: a published-layout file needs a model built by build_segmentor")
+        state = from_official(state, model.spec.model, model.spec.backbone)
+    else:
+        state = unwrap_state_dict(state)
+    if strict:
+        check_fit(model, state, name, _segmentor_hint(model, state))
+    else:
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(state, strict=strict)
+
+
+def load_backbone_weights(model: Segmentor | nn.Module, source: str | Path | Mapping[str, Tensor]) -> None:
+    """Load ImageNet backbone weights (e.g. ``resnet18-imagenet.pth``) into a segmentor's backbone (or into a
+    bare backbone module), strictly: every backbone tensor must come from the file."""
+    backbone = model.backbone if isinstance(model, Segmentor) else model
+    name = str(source) if not isinstance(source, Mapping) else "state dict"
+    obj = safe_load(source) if not isinstance(source, Mapping) else source
+    state = backbone_state_dict(extract_state_dict(obj, name))
+    check_fit(
+        backbone, state, name,
+        "a backbone file must match the backbone's architecture (e.g. resnet18-imagenet.pth for resnet18)",
+    )
+    backbone.load_state_dict(state)
+
+
+__all__ = ["check_fit", "extract_state_dict", "load_backbone_weights", "load_weights", "safe_load"]
