@@ -118,10 +118,13 @@ def _segmentor_hint(model: Segmentor, state: Mapping[str, Tensor]) -> str:
     return "; ".join(hints)
 
 
-def load_weights(model: Segmentor, source: str | Path | Mapping[str, Tensor], strict: bool = True) -> None:
+def load_weights(
+    model: Segmentor, source: str | Path | Mapping[str, Tensor], strict: bool = True, name: str | None = None
+) -> None:
     """Load a full segmentor checkpoint into ``model``: a cskd checkpoint or a published CSKD/CIRKD file
-    (detected by its ``pretrained.*`` keys and converted). ``strict`` (the default) requires an exact fit."""
-    name = str(source) if not isinstance(source, Mapping) else "state dict"
+    (detected by its ``pretrained.*`` keys and converted). ``strict`` (the default) requires an exact fit.
+    ``name`` labels an in-memory state dict in error messages (a path labels itself)."""
+    name = name or (str(source) if not isinstance(source, Mapping) else "state dict")
     obj = safe_load(source) if not isinstance(source, Mapping) else source
     state = extract_state_dict(obj, name)
     if is_official_layout(state):

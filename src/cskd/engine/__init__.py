@@ -1,0 +1,13 @@
+"""The engine: experiment configs and the one training loop every method runs through."""
+
+from .config import (
+    BudgetConfig, DataConfig, EvalConfig, ExperimentConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict,
+    load_config,
+)
+from .step import TrainStep, segmentation_ce
+from .trainer import TrainResult, Trainer, train
+
+__all__ = [
+    "BudgetConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "LossConfig", "ModelConfig", "TrainConfig",
+    "TrainResult", "TrainStep", "Trainer", "config_from_dict", "load_config", "segmentation_ce", "train",
+]

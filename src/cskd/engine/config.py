@@ -1,0 +1,321 @@
+"""The experiment config: one YAML file per experiment, validated on load, overridable from the command line.
+
+A file has the blocks ``data``, ``model`` (the network being trained: a teacher, a baseline student or a distilled
+student), ``teacher`` (only for distillation), ``losses`` (the distillation terms; empty for training alone),
+``train`` and ``eval``. Every key is typed; an unknown key, a wrong type or a bad value is an error naming the file,
+the key and what is allowed. ``--set train.lr=0.01 losses.1.lambda_cam=0.5`` overrides any key (values are parsed
+as YAML, so numbers, booleans, null and lists work).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..config import build_dataclass, validate_kwargs
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthscapes"
+    root: str = "data/synthscapes"
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: tuple[int, int] = (512, 1024)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip: bool = True
+    workers: int = 4
+    skip_bad: bool = False
+    """Skip unreadable / invalid samples with a counted warning instead of stopping."""
+
+    def __post_init__(self) -> None:
+        if min(self.crop_size) < 1:
+            raise ValueError(f"crop_size must be positive, got {self.crop_size}")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range must satisfy 0 < min ≤ max, got {self.scale_range}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be ≥ 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "deeplabv3"
+    backbone: str = "resnet18"
+    aux: bool | None = None
+    """Auxiliary FCN head; null = the published choice (ResNets: yes, MobileNetV2: no)."""
+    pretrained_base: str | None = None
+    """ImageNet backbone file (e.g. resnet18-imagenet.pth) to start from."""
+    weights: str | None = None
+    """A full segmentor checkpoint (cskd or published layout) to start from / to use as the teacher."""
+
+    def __post_init__(self) -> None:
+        from ..models.backbones import BACKBONES
+        from ..models.segmentor import canonical_model_name
+
+        canonical_model_name(self.model)  # raises ValueError naming the choices
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONES)}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """One distillation term: ``name`` (a registered loss) and its hyper-parameters."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Train for a number of iterations, or for a number of seconds of training-step time (GPU seconds on a GPU).
+
+    With ``gpu_seconds`` the iteration count is fixed up front from a timed calibration of this method's own step
+    (``calibration_steps`` after ``warmup_steps``), so that the poly LR schedule has its total."""
+
+    iterations: int | None = 40000
+    gpu_seconds: float | None = None
+    warmup_steps: int = 5
+    calibration_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if (self.iterations is None) == (self.gpu_seconds is None):
+            raise ValueError("set exactly one of budget.iterations and budget.gpu_seconds")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"budget.iterations must be ≥ 1, got {self.iterations}")
+        if self.gpu_seconds is not None and self.gpu_seconds <= 0:
+            raise ValueError(f"budget.gpu_seconds must be > 0, got {self.gpu_seconds}")
+        if self.calibration_steps < 1 or self.warmup_steps < 0:
+            raise ValueError("budget.calibration_steps must be ≥ 1 and budget.warmup_steps ≥ 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    batch_size: int = 16
+    """Total over all processes (the published recipe: 16 over 2 GPUs)."""
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    aux_weight: float = 0.4
+    seed: int = 0
+    deterministic: bool = False
+    """Deterministic kernels (slower); with it, a run and its kill-and-resume twin give identical losses on CPU."""
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    """auto: bf16 autocast on CUDA, none on CPU. fp16 uses a GradScaler."""
+    channels_last: bool = True
+    compile: bool = False
+    cudnn_benchmark: bool = True
+    log_every: int = 50
+    val_every: int = 4000
+    save_every: int = 1000
+    device: str = "auto"
+    sync_bn: bool = True
+    """Under torchrun with several processes, convert the trained model's BatchNorm to SyncBatchNorm."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "log_every", "val_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    batch_size: int = 1
+    max_images: int | None = None
+    """Evaluate on the first N images of the split only (quick checks; the report says so)."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    output_dir: str | None = None
+    """Where checkpoints and logs go; default runs/<name>."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig | None = None
+    losses: tuple[LossConfig, ...] = ()
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+    @property
+    def is_distillation(self) -> bool:
+        return bool(self.losses)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["losses"] = [{"name": lc.name, **lc.params} for lc in self.losses]
+        return _plain(out)
+
+    def digest(self) -> str:
+        """A short hash of the resolved config (what a comparison report records per run)."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (["a", "b", "c"], parsed value); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=0.01")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: malformed key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: cannot parse the value: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = out
+        for i, part in enumerate(path[:-1]):
+            nxt = _child(node, part, text)
+            if nxt is None:
+                nxt = {}
+                _set(node, part, nxt, text)
+            node = nxt
+        _set(node, path[-1], value, text)
+    return out
+
+
+def _child(node: Any, part: str, text: str) -> Any:
+    if isinstance(node, list):
+        try:
+            return node[int(part)]
+        except (ValueError, IndexError):
+            raise ConfigError(f"--set {text!r}: {part!r} is not an index of a list of {len(node)}") from None
+    if isinstance(node, dict):
+        return node.get(part)
+    raise ConfigError(f"--set {text!r}: cannot descend into a value of type {type(node).__name__}")
+
+
+def _set(node: Any, part: str, value: Any, text: str) -> None:
+    if isinstance(node, list):
+        try:
+            node[int(part)] = value
+        except (ValueError, IndexError):
+            raise ConfigError(f"--set {text!r}: {part!r} is not an index of a list of {len(node)}") from None
+    elif isinstance(node, dict):
+        node[part] = value
+    else:
+        raise ConfigError(f"--set {text!r}: cannot set a key inside a value of type {type(node).__name__}")
+
+
+def _read_one(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of blocks (data, model, train, ...)")
+    return data
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else (lists included) is replaced."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file, resolving ``base: [files...]`` (paths relative to the file; later bases and the file
+    itself win) so that a recipe is written once and each experiment states only what differs."""
+    path = Path(path).resolve() if _seen else Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' files include each other in a cycle")
+    data = _read_one(path)
+    bases = data.pop("base", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: key 'base' must be a file name or a list of file names")
+    merged: dict[str, Any] = {}
+    for b in bases:
+        merged = merge(merged, read_yaml(path.parent / b, _seen + (path.resolve(),)))
+    return merge(merged, data)
+
+
+def config_from_dict(raw: Mapping[str, Any], where: str = "config") -> ExperimentConfig:
+    """Validate a plain mapping (as read from YAML) into an :class:`ExperimentConfig`."""
+    raw = dict(raw)
+    losses_raw = raw.pop("losses", None) or []
+    if not isinstance(losses_raw, list):
+        raise ConfigError(f"{where}: key 'losses' must be a list of {{name: ..., <params>}} entries")
+    cfg = build_dataclass(ExperimentConfig, raw, where)
+    losses = []
+    for i, entry in enumerate(losses_raw):
+        if not isinstance(entry, Mapping) or "name" not in entry:
+            raise ConfigError(f"{where}: losses[{i}] must be a mapping with a 'name' key, got {entry!r}")
+        params = {k: v for k, v in entry.items() if k != "name"}
+        losses.append(LossConfig(name=str(entry["name"]), params=_check_loss_params(entry["name"], params, where, i)))
+    cfg = replace(cfg, losses=tuple(losses))
+    if cfg.losses and cfg.teacher is None:
+        raise ConfigError(f"{where}: distillation losses are listed but there is no 'teacher' block")
+    return cfg
+
+
+def _check_loss_params(name: str, params: dict[str, Any], where: str, index: int) -> dict[str, Any]:
+    from ..losses import LOSSES, _load_all
+    from ..losses.base import CONTEXT_ARGS
+
+    _load_all()
+    if name not in LOSSES:
+        raise ConfigError(f"{where}: losses[{index}]: unknown loss '{name}'; registered: {', '.join(sorted(LOSSES))}")
+    return validate_kwargs(LOSSES[name], params, where, prefix=f"losses[{index}]", reserved=CONTEXT_ARGS)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    raw = apply_overrides(read_yaml(path), overrides)
+    where = str(path) + (" (with --set overrides)" if overrides else "")
+    return config_from_dict(raw, where)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+__all__ = [
+    "BudgetConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "LossConfig", "ModelConfig", "TrainConfig",
+    "apply_overrides", "config_from_dict", "load_config", "merge", "parse_override", "read_yaml", "save_config",
+]

@@ -1,0 +1,96 @@
+"""What a run writes besides checkpoints: a JSONL of scalars, optional TensorBoard events, a progress bar.
+
+Only the main process writes. TensorBoard is optional (``pip install cskd[tensorboard]``); without it the JSONL
+file is the record (the demo and comparison reports plot from it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class RunRecorder:
+    def __init__(self, run_dir: Path, enabled: bool, total: int, start: int, progress: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = run_dir / "log.jsonl"
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                self._tb = None
+        if progress:
+            self._bar = tqdm(total=total, initial=start, desc=run_dir.name, unit="it", dynamic_ncols=True,
+                             file=sys.stderr, mininterval=1.0)
+
+    def write(self, kind: str, iteration: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "iteration": iteration, "time": time.time(), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, default=_jsonable) + "\n")
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(f"{kind}/{k}", v, iteration)
+
+    def advance(self, n: int, postfix: dict[str, Any] | None = None) -> None:
+        if self._bar is not None:
+            if postfix:
+                self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                      refresh=False)
+            self._bar.update(n)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return str(v)
+
+
+def read_records(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """Read a run's ``log.jsonl`` (optionally one kind: "train", "val", "summary", ...)."""
+    out = []
+    p = Path(path)
+    if not p.exists():
+        return out
+    for line in p.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill -9 mid-write
+        if kind is None or rec.get("kind") == kind:
+            out.append(rec)
+    return out
+
+
+__all__ = ["RunRecorder", "read_records"]

@@ -1,0 +1,252 @@
+"""The engine on tiny synthetic data: every method runs; checkpoints hold what a resume needs; kill -9 and resume
+gives the uninterrupted loss curve; non-finite losses stop cleanly; bad batch sizes are refused; DDP with gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cskd.engine.config import config_from_dict
+from cskd.engine.records import read_records
+from cskd.engine.trainer import Trainer
+from cskd.errors import ConfigError, TrainingError
+from cskd.losses import LOSSES, _load_all
+from cskd.losses.base import DistillLoss, register_loss
+from cskd.models import safe_load
+
+TINY = (32, 64)
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cskd.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, n_train=12, n_val=3, size=TINY, seed=0, workers=1)
+    return root
+
+
+def tiny_config(root: Path, out: Path, losses: list[dict] | None = None, **train: object) -> dict:
+    cfg = {
+        "name": "tiny",
+        "output_dir": str(out),
+        "data": {"dataset": "synthscapes", "root": str(root), "crop_size": list(TINY), "workers": 0},
+        "model": {"model": "deeplabv3", "backbone": "mobilenetv2"},
+        "train": {"budget": {"iterations": 2}, "batch_size": 3, "lr": 0.01, "log_every": 1, "val_every": 1000,
+                  "save_every": 1000, "device": "cpu", "amp": "none"},
+        "eval": {"max_images": 2},
+    }
+    if losses:
+        cfg["teacher"] = {"model": "deeplabv3", "backbone": "resnet18"}
+        cfg["losses"] = losses
+    for k, v in train.items():
+        cfg["train"][k] = v
+    return cfg
+
+
+def method_configs() -> dict[str, list[dict]]:
+    _load_all()
+    methods = {"baseline": [], "cskd_published": [{"name": "cwd", "weight": 3.0, "temperature": 2.0},
+                                                  {"name": "cskd"}]}
+    for name in sorted(LOSSES):
+        if not name.startswith("_test"):
+            methods[name] = [{"name": name}]
+    return methods
+
+
+@pytest.mark.parametrize("method", sorted(method_configs()))
+def test_every_method_runs_two_iterations(synth_root: Path, tmp_path: Path, method: str) -> None:
+    losses = method_configs()[method]
+    cfg = config_from_dict(tiny_config(synth_root, tmp_path / method, losses))
+    result = Trainer(cfg, progress=False).fit()
+    assert result.iterations == 2
+    train_recs = read_records(tmp_path / method / "log.jsonl", "train")
+    assert [r["iteration"] for r in train_recs] == [1, 2]
+    for r in train_recs:
+        assert all(isinstance(v, float) and v == v for k, v in r.items() if k not in ("kind", "iteration", "time"))
+    names = {k for r in train_recs for k in r}
+    for entry in losses:  # each distillation term shows up in the log
+        assert any(k.startswith(entry["name"].split("_")[0]) or k in ("cam", "pam") for k in names - {"ce"})
+    assert result.final_metrics is not None and 0.0 <= result.best_miou <= 1.0
+
+
+def test_checkpoint_holds_everything_for_a_resume(synth_root: Path, tmp_path: Path) -> None:
+    losses = [{"name": "cwd", "weight": 3.0, "temperature": 2.0}, {"name": "cskd", "pam_projection": "fixed"}]
+    cfg = config_from_dict(tiny_config(synth_root, tmp_path / "run", losses, save_every=2))
+    Trainer(cfg, progress=False).fit()
+    ckpt = safe_load(tmp_path / "run" / "last.pt")  # weights_only: plain containers and tensors only
+    for key in ("model", "spec", "losses", "optimizer", "scheduler", "scaler", "iteration", "rng", "config",
+                "dataset", "cskd_version", "train_seconds"):
+        assert key in ckpt, key
+    assert ckpt["iteration"] == 2 and ckpt["spec"]["backbone"] == "mobilenetv2"
+    assert any("gamma" in k for k in ckpt["losses"]["cskd"] if isinstance(k, str)) or ckpt["losses"]
+    assert ckpt["config"]["losses"][1]["name"] == "cskd"
+    assert set(ckpt["rng"][0]) >= {"python", "numpy", "torch"}
+    assert (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "config.yaml").exists()
+    for ext in ("json", "csv", "md"):
+        assert (tmp_path / "run" / f"metrics.{ext}").exists()
+
+
+def test_existing_run_is_not_overwritten(synth_root: Path, tmp_path: Path) -> None:
+    cfg = config_from_dict(tiny_config(synth_root, tmp_path / "run", None))
+    Trainer(cfg, progress=False).fit()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(cfg, progress=False)
+
+
+def _losses_by_iteration(run: Path) -> dict[int, float]:
+    return {r["iteration"]: r["loss"] for r in read_records(run / "log.jsonl", "train")}
+
+
+def test_kill_minus_nine_and_resume_reproduces_the_loss_curve(synth_root: Path, tmp_path: Path) -> None:
+    losses = [{"name": "cwd", "weight": 3.0, "temperature": 2.0}, {"name": "cskd"}]  # published resample mode
+    base = tiny_config(synth_root, tmp_path / "x", losses, deterministic=True, save_every=2, budget={"iterations": 10})
+    base["data"]["workers"] = 1
+
+    ref = dict(base, output_dir=str(tmp_path / "ref"))
+    Trainer(config_from_dict(ref), progress=False).fit()
+    expected = _losses_by_iteration(tmp_path / "ref")
+
+    run = tmp_path / "killed"
+    cfg_path = tmp_path / "killed.yaml"
+    cfg_path.write_text(yaml.safe_dump(dict(base, output_dir=str(run))))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "cskd", "distill", str(cfg_path), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (run / "last.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = safe_load(run / "last.pt")["iteration"]
+    assert killed_at < 10, "the run finished before it could be killed; the test proves nothing"
+
+    done = subprocess.run(cmd + ["--resume", "auto"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    got = _losses_by_iteration(run)
+    assert sorted(got) == list(range(1, 11))
+    assert got == expected  # bit-identical: same batches, same augmentation, same dropout, same projections
+
+
+@register_loss("_test_nan_at_3")
+class _NaNAtThree(DistillLoss):
+    """Returns a finite value, except NaN at its third call: the engine must name iteration 3."""
+
+    def __init__(self, *, student_channels: int, teacher_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, student, teacher, targets=None):  # noqa: ANN001, ANN201
+        self.calls += 1
+        value = student.logits.mean() * 0.0
+        return {"probe": value + (float("nan") if self.calls == 3 else 0.0)}
+
+
+def test_nonfinite_loss_stops_with_iteration_and_terms_and_keeps_the_checkpoint(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    cfg = config_from_dict(tiny_config(synth_root, tmp_path / "nan", [{"name": "_test_nan_at_3"}],
+                                       budget={"iterations": 6}, save_every=2, log_every=5))
+    with pytest.raises(TrainingError) as e:
+        Trainer(cfg, progress=False).fit()
+    msg = str(e.value)
+    assert "iteration 3" in msg and "probe=nan" in msg and "last.pt" in msg
+    assert safe_load(tmp_path / "nan" / "last.pt")["iteration"] == 2  # the good one, untouched
+
+
+def test_cka_losses_refuse_small_batches(synth_root: Path, tmp_path: Path) -> None:
+    cfg = config_from_dict(tiny_config(synth_root, tmp_path / "b2", [{"name": "cskd"}], batch_size=2))
+    with pytest.raises(ConfigError, match="needs at least 3 images per device"):
+        Trainer(cfg, progress=False)
+    mse = config_from_dict(tiny_config(synth_root, tmp_path / "mse", [{"name": "cskd", "similarity": "mse"}],
+                                       batch_size=2))
+    Trainer(mse, progress=False)  # MSE compares maps per sample: no batch requirement
+
+
+def test_time_budget_plans_and_records_seconds(synth_root: Path, tmp_path: Path) -> None:
+    cfg = config_from_dict(tiny_config(synth_root, tmp_path / "tb", None,
+                                       budget={"gpu_seconds": 3.0, "warmup_steps": 1, "calibration_steps": 3}))
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.step_seconds is not None and trainer.step_seconds > 0
+    planned = trainer.total_iterations
+    assert planned == max(1, int(3.0 / trainer.step_seconds))
+    result = trainer.fit()
+    assert result.iterations == planned
+    assert result.planned_seconds == pytest.approx(planned * trainer.step_seconds)
+    # Training time excludes evaluation and checkpoints; one step's variation is the tolerance that matters.
+    assert result.train_seconds <= 3.0 * 1.5 + trainer.step_seconds
+    budget = read_records(tmp_path / "tb" / "log.jsonl", "budget")
+    assert budget and budget[0]["planned_iterations"] == planned
+
+
+# ----------------------------------------------------------------------------------------------- DDP (gloo, CPU)
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from cskd.engine.distributed import cleanup
+
+    trainer = Trainer(config_from_dict(cfg_dict), progress=False)
+    trainer.fit()
+    state = {k: v for k, v in trainer.student.state_dict().items()}
+    state.update({f"losses.{k}": v for k, v in trainer.step_module.losses.state_dict().items()})
+    torch.save(state, Path(out) / f"rank{rank}.pt")
+    cleanup()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_gloo_two_processes_end_with_identical_weights(synth_root: Path, tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    losses = [{"name": "cwd", "weight": 3.0, "temperature": 2.0}, {"name": "cskd", "pam_projection": "learned"}]
+    cfg = tiny_config(synth_root, tmp_path / "ddp", losses, batch_size=6, budget={"iterations": 2})
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    changed = False
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    init = Trainer(config_from_dict(dict(cfg, output_dir=str(tmp_path / "init"))), progress=False)
+    for k, v in init.student.state_dict().items():
+        if v.is_floating_point() and not torch.equal(v, a[k]):
+            changed = True
+    assert changed, "training did not change the weights"
+    assert (tmp_path / "ddp" / "last.pt").exists()
+    recs = read_records(tmp_path / "ddp" / "log.jsonl", "train")
+    assert [r["iteration"] for r in recs] == [1, 2]  # written once, by rank 0
+
+
+def test_torchrun_launch(synth_root: Path, tmp_path: Path) -> None:
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(synth_root, tmp_path / "tr", None, batch_size=6)))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    res = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "--master_port", str(_free_port()), "-m", "cskd", "train",
+         str(cfg_path), "--no-progress"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "done: 2 iterations" in res.stdout
+    summary = read_records(tmp_path / "tr" / "log.jsonl", "summary")
+    assert len(summary) == 1 and json.dumps(summary[0])
