@@ -73,9 +73,9 @@ def test_every_method_runs_two_iterations(synth_root: Path, tmp_path: Path, meth
     assert [r["iteration"] for r in train_recs] == [1, 2]
     for r in train_recs:
         assert all(isinstance(v, float) and v == v for k, v in r.items() if k not in ("kind", "iteration", "time"))
-    names = {k for r in train_recs for k in r}
-    for entry in losses:  # each distillation term shows up in the log
-        assert any(k.startswith(entry["name"].split("_")[0]) or k in ("cam", "pam") for k in names - {"ce"})
+    distill_terms = {k for r in train_recs for k in r} - {"kind", "iteration", "time", "ce", "aux", "loss", "lr",
+                                                          "train_seconds"}
+    assert bool(distill_terms) == bool(losses), distill_terms  # every method logs its own terms, the baseline none
     assert result.final_metrics is not None and 0.0 <= result.best_miou <= 1.0
 
 
@@ -88,7 +88,7 @@ def test_checkpoint_holds_everything_for_a_resume(synth_root: Path, tmp_path: Pa
                 "dataset", "cskd_version", "train_seconds"):
         assert key in ckpt, key
     assert ckpt["iteration"] == 2 and ckpt["spec"]["backbone"] == "mobilenetv2"
-    assert any("gamma" in k for k in ckpt["losses"]["cskd"] if isinstance(k, str)) or ckpt["losses"]
+    assert {"cskd.gamma_cam", "cskd.gamma_pam", "cskd.pam_student_weight", "cskd.pam_teacher_bias"} <= set(ckpt["losses"])
     assert ckpt["config"]["losses"][1]["name"] == "cskd"
     assert set(ckpt["rng"][0]) >= {"python", "numpy", "torch"}
     assert (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "config.yaml").exists()

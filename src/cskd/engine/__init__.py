@@ -5,9 +5,10 @@ from .config import (
     load_config,
 )
 from .step import TrainStep, segmentation_ce
+from .runner import StepRunner
 from .trainer import TrainResult, Trainer, train
 
 __all__ = [
     "BudgetConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "LossConfig", "ModelConfig", "TrainConfig",
-    "TrainResult", "TrainStep", "Trainer", "config_from_dict", "load_config", "segmentation_ce", "train",
+    "StepRunner", "TrainResult", "TrainStep", "Trainer", "config_from_dict", "load_config", "segmentation_ce", "train",
 ]

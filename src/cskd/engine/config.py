@@ -24,6 +24,17 @@ from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
+class SynthConfig:
+    """The built-in synthetic street scenes to generate under ``data.root`` if absent (or made with other
+    parameters): the main job and the tests need no data on disk."""
+
+    train: int = 2000
+    val: int = 200
+    size: tuple[int, int] = (256, 512)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = "synthscapes"
     root: str = "data/synthscapes"
@@ -35,6 +46,8 @@ class DataConfig:
     workers: int = 4
     skip_bad: bool = False
     """Skip unreadable / invalid samples with a counted warning instead of stopping."""
+    synthetic: SynthConfig | None = None
+    """For dataset ``synthscapes``: generate the data under ``root`` first if it is not there."""
 
     def __post_init__(self) -> None:
         if min(self.crop_size) < 1:
@@ -44,6 +57,8 @@ class DataConfig:
             raise ValueError(f"scale_range must satisfy 0 < min ≤ max, got {self.scale_range}")
         if self.workers < 0:
             raise ValueError(f"workers must be ≥ 0, got {self.workers}")
+        if self.synthetic is not None and self.dataset != "synthscapes":
+            raise ValueError(f"data.synthetic only applies to dataset 'synthscapes', not {self.dataset!r}")
 
 
 @dataclass(frozen=True)
@@ -81,13 +96,16 @@ class BudgetConfig:
     With ``gpu_seconds`` the iteration count is fixed up front from a timed calibration of this method's own step
     (``calibration_steps`` after ``warmup_steps``), so that the poly LR schedule has its total."""
 
-    iterations: int | None = 40000
+    iterations: int | None = None
+    """Default (neither set): 40,000, the published schedule."""
     gpu_seconds: float | None = None
     warmup_steps: int = 5
     calibration_steps: int = 20
 
     def __post_init__(self) -> None:
-        if (self.iterations is None) == (self.gpu_seconds is None):
+        if self.iterations is None and self.gpu_seconds is None:
+            object.__setattr__(self, "iterations", 40000)
+        if self.iterations is not None and self.gpu_seconds is not None:
             raise ValueError("set exactly one of budget.iterations and budget.gpu_seconds")
         if self.iterations is not None and self.iterations < 1:
             raise ValueError(f"budget.iterations must be ≥ 1, got {self.iterations}")
@@ -316,6 +334,6 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
 
 
 __all__ = [
-    "BudgetConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "LossConfig", "ModelConfig", "TrainConfig",
+    "BudgetConfig", "DataConfig", "SynthConfig", "EvalConfig", "ExperimentConfig", "LossConfig", "ModelConfig", "TrainConfig",
     "apply_overrides", "config_from_dict", "load_config", "merge", "parse_override", "read_yaml", "save_config",
 ]

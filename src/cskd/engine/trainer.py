@@ -11,33 +11,29 @@ its terms, and training stops before any checkpoint could be overwritten with br
 
 from __future__ import annotations
 
-import copy
+import json
 import os
 import random
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, TrainingError
-from ..losses import build_loss
-from ..models import build_segmentor, load_backbone_weights, load_weights, safe_load
-from ..models.segmentor import SegOutput, Segmentor
+from ..models import load_weights, safe_load
 from .checkpointing import atomic_save, capture_rng, restore_rng
 from .config import ExperimentConfig, save_config
 from .distributed import DistEnv, all_gather_objects, barrier, init_distributed
 from .records import RunRecorder, read_records
+from .runner import StepRunner
 from .sampling import SeededBatchSampler, SeededSamples
-from .step import TrainStep
 
 
 @dataclass
@@ -57,24 +53,6 @@ class TrainResult:
     final_metrics: dict[str, Any] | None
     images_per_second: float
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-class PolyDecay:
-    """LR factor ``(1 − t/T)^power`` in closed form (the published schedule: the first step uses the base LR).
-    A plain object, not a lambda, so that the scheduler's state dict holds (T, power) and survives a resume."""
-
-    def __init__(self, total: int, power: float) -> None:
-        self.total = total
-        self.power = power
-
-    def __call__(self, t: int) -> float:
-        return max(0.0, 1.0 - t / self.total) ** self.power
-
-
-def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[setting]
 
 
 def _set_seed(seed: int) -> None:
@@ -115,17 +93,16 @@ class Trainer:
                 "evenly among them"
             )
         self.batch_per_device = t.batch_size // self.env.world_size
-        self.amp_dtype = resolve_amp(t.amp, self.device)
-        if self.amp_dtype is not None and self.device.type == "cpu" and t.amp == "fp16":
-            raise ConfigError("train.amp=fp16 needs CUDA; use bf16 or none on the CPU")
 
         self._configure_backends()
         resume_path = self._resume_path(resume, overwrite)
 
         _set_seed(t.seed)  # identical initialisation on every rank
         self._build_data()
-        self._build_models()
-        self._build_optimizer()
+        self.runner = StepRunner(cfg, self.num_classes, self.env, self.batch_per_device)
+        self.student = self.runner.student
+        self.step_module = self.runner.step_module
+        self.amp_dtype = self.runner.amp_dtype
         _set_seed(t.seed * 1000 + self.env.rank + 1)  # per-rank dropout / random projections
 
         self.iteration = 0
@@ -139,8 +116,11 @@ class Trainer:
         if resume_path is not None:
             self._load_checkpoint(resume_path)
         if self.total_iterations is None:
-            self.total_iterations = self._calibrate()
-            self._set_schedule(self.total_iterations)
+            b = t.budget
+            assert b.gpu_seconds is not None
+            self.step_seconds = self.runner.calibrate(cfg.data.crop_size, b.warmup_steps, b.calibration_steps)
+            self.total_iterations = max(1, int(b.gpu_seconds / self.step_seconds))
+            self.runner.set_schedule(self.total_iterations)
         self.planned_seconds = (
             self.step_seconds * self.total_iterations if self.step_seconds is not None else None
         )
@@ -179,6 +159,13 @@ class Trainer:
         from ..data import build_dataset, build_eval_transform, build_train_transform
 
         d = self.cfg.data
+        if d.synthetic is not None:
+            from ..data.synthetic import ensure
+
+            if self.env.is_main:
+                g = d.synthetic
+                ensure(d.root, g.train, g.val, g.size, g.seed)
+            barrier()
         train_ds = build_dataset(d.dataset, d.root, d.train_split, skip_bad=d.skip_bad)
         transform = build_train_transform(d.crop_size, d.scale_range, d.hflip)
         self.train_set = SeededSamples(train_ds, transform, self.cfg.train.seed)
@@ -212,157 +199,6 @@ class Trainer:
         return DataLoader(shard, batch_size=e.batch_size, shuffle=False, num_workers=min(self.cfg.data.workers, 4),
                           pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0))
 
-    def _build_models(self) -> None:
-        cfg, t = self.cfg, self.cfg.train
-        m = cfg.model
-        student = build_segmentor(m.model, m.backbone, self.num_classes, m.aux)
-        if m.pretrained_base:
-            load_backbone_weights(student, m.pretrained_base)
-        if m.weights:
-            load_weights(student, m.weights)
-        self.student: Segmentor = student
-
-        self.teacher: Segmentor | None = None
-        losses: dict[str, Any] = {}
-        if cfg.losses:
-            assert cfg.teacher is not None
-            tm = cfg.teacher
-            teacher = build_segmentor(tm.model, tm.backbone, self.num_classes, aux=False)
-            if tm.weights:
-                _load_teacher(teacher, tm.weights)
-            teacher.eval().requires_grad_(False)
-            self.teacher = teacher.to(self.device)
-            for lc in cfg.losses:
-                if lc.name in losses:
-                    raise ConfigError(f"losses: '{lc.name}' is listed twice")
-                losses[lc.name] = build_loss(
-                    lc.name, lc.params, student_channels=student.feature_channels,
-                    teacher_channels=teacher.feature_channels, num_classes=self.num_classes, where="losses",
-                )
-            self._check_batch_requirements(losses)
-
-        step = TrainStep(student, losses, aux_weight=t.aux_weight).to(self.device)
-        if self.env.distributed and t.sync_bn:
-            step.model = nn.SyncBatchNorm.convert_sync_batchnorm(step.model)
-            self.student = step.model
-        if t.channels_last and self.device.type == "cuda":
-            step.to(memory_format=torch.channels_last)
-            if self.teacher is not None:
-                self.teacher.to(memory_format=torch.channels_last)
-        if t.compile:
-            self.student.compile()
-            if self.teacher is not None:
-                self.teacher.compile()
-            for loss in step.losses.values():
-                loss.compile()
-        self.step_module = step
-        if self.env.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_module: nn.Module = DistributedDataParallel(step, device_ids=ids, find_unused_parameters=False)
-        else:
-            self.train_module = step
-
-    def _check_batch_requirements(self, losses: dict[str, Any]) -> None:
-        for name, loss in losses.items():
-            need = loss.min_batch_per_device
-            global_scope = getattr(loss, "cka_scope", "device") == "global"
-            have = self.cfg.train.batch_size if global_scope else self.batch_per_device
-            if have < need:
-                scope = "in the global batch" if global_scope else "per device"
-                raise ConfigError(
-                    f"loss '{name}' needs at least {need} images {scope}, but train.batch_size="
-                    f"{self.cfg.train.batch_size} over {self.env.world_size} process(es) gives {have}. CKA compares "
-                    "samples of a batch: with 2 it is identically 1 (no signal), with 1 undefined. Raise "
-                    "train.batch_size" + ("" if global_scope else " or set cka_scope: global") + "."
-                )
-
-    def _build_optimizer(self) -> None:
-        t = self.cfg.train
-        params = [p for p in self.step_module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self._set_schedule(t.budget.iterations or 1)
-
-    def _set_schedule(self, total: int) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = self.cfg.train.lr
-            g.pop("initial_lr", None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, PolyDecay(total, self.cfg.train.poly_power))
-
-    # ------------------------------------------------------------------------------------------------ the step
-
-    def _autocast(self):  # noqa: ANN202
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _prepare(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        from ..data.normalize import normalize
-
-        images = batch["image"].to(self.device, non_blocking=True)
-        masks = batch["mask"].to(self.device, non_blocking=True).long()
-        x = normalize(images)
-        if self.cfg.train.channels_last and self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, masks
-
-    def _teacher_forward(self, x: Tensor) -> SegOutput | None:
-        if self.teacher is None:
-            return None
-        with torch.inference_mode(), self._autocast():
-            out = self.teacher(x)
-        # Inference tensors may not be saved for backward; the copy (a few MB) makes them ordinary constants.
-        return SegOutput(*(v.clone() if v is not None else None for v in out))
-
-    def train_step(self, x: Tensor, masks: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        teacher_out = self._teacher_forward(x)
-        with self._autocast():
-            total, terms = self.train_module(x, masks, teacher_out)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        return total.detach(), {k: v.detach().float() for k, v in terms.items()}
-
-    # ------------------------------------------------------------------------------------------------ budget
-
-    def _calibrate(self) -> int:
-        """Time this method's own step on random batches of the training size, then restore every state, so
-        the real run starts exactly where an iteration-budget run would."""
-        b = self.cfg.train.budget
-        assert b.gpu_seconds is not None
-        saved_model = copy.deepcopy(self.step_module.state_dict())
-        saved_opt = copy.deepcopy(self.optimizer.state_dict())
-        saved_sched = copy.deepcopy(self.scheduler.state_dict())
-        rng = capture_rng()
-        h, w = self.cfg.data.crop_size
-        gen = torch.Generator().manual_seed(12345)
-        images = torch.randint(0, 256, (self.batch_per_device, 3, h, w), generator=gen, dtype=torch.uint8)
-        masks = torch.randint(0, self.num_classes, (self.batch_per_device, h, w), generator=gen, dtype=torch.uint8)
-        batch = {"image": images, "mask": masks}
-        self.step_module.train()
-        for _ in range(b.warmup_steps):
-            self.train_step(*self._prepare(batch))
-        self._sync()
-        start = time.perf_counter()
-        for _ in range(b.calibration_steps):
-            self.train_step(*self._prepare(batch))
-        self._sync()
-        step = (time.perf_counter() - start) / b.calibration_steps
-        # The slowest rank sets the pace of a synchronous data-parallel run.
-        step = max(all_gather_objects(step))
-        self.step_module.load_state_dict(saved_model)
-        self.optimizer.load_state_dict(saved_opt)
-        self.scheduler.load_state_dict(saved_sched)
-        restore_rng(rng)
-        self.step_seconds = step
-        return max(1, int(b.gpu_seconds / step))
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     # ------------------------------------------------------------------------------------------------ checkpoints
 
     def _state(self) -> dict[str, Any]:
@@ -371,9 +207,9 @@ class Trainer:
             "model": self.student.state_dict(),
             "spec": self.student.spec.to_dict() if self.student.spec else None,
             "losses": self.step_module.losses.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "optimizer": self.runner.optimizer.state_dict(),
+            "scheduler": self.runner.scheduler.state_dict(),
+            "scaler": self.runner.scaler.state_dict(),
             "iteration": self.iteration,
             "total_iterations": self.total_iterations,
             "step_seconds": self.step_seconds,
@@ -396,6 +232,7 @@ class Trainer:
 
     def save(self, name: str) -> Path:
         start = time.perf_counter()
+        self.runner.sync_buffers()
         state = self._state()  # every rank joins the RNG gather
         path = self.run_dir / name
         if self.env.is_main:
@@ -419,10 +256,10 @@ class Trainer:
         load_weights(self.student, ckpt["model"], name=str(path))
         self.step_module.losses.load_state_dict(ckpt["losses"])
         self.total_iterations = ckpt["total_iterations"]
-        self._set_schedule(self.total_iterations)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        self.runner.set_schedule(self.total_iterations)
+        self.runner.optimizer.load_state_dict(ckpt["optimizer"])
+        self.runner.scheduler.load_state_dict(ckpt["scheduler"])
+        self.runner.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
         self.step_seconds = ckpt.get("step_seconds")
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
@@ -444,6 +281,7 @@ class Trainer:
 
         e = self.cfg.eval
         start = time.perf_counter()
+        self.runner.sync_buffers()
         metrics = evaluate(
             self.student, self._make_val_loader(), num_classes=self.num_classes, device=self.device,
             mode=e.mode, crop_size=e.crop_size, stride=e.stride, scales=e.scales, flip=e.flip,
@@ -470,7 +308,7 @@ class Trainer:
         rec = RunRecorder(self.run_dir, main, total, self.iteration, self.progress)
         if main:
             rec.message(self._banner())
-            if self.teacher is not None and cfg.teacher is not None and not cfg.teacher.weights:
+            if self.runner.teacher is not None and cfg.teacher is not None and not cfg.teacher.weights:
                 rec.message("warning: the teacher has random weights (teacher.weights is not set)")
         if self.step_seconds is not None and main and self.iteration == 0:
             rec.write("budget", 0, {"gpu_seconds": t.budget.gpu_seconds, "step_seconds": self.step_seconds,
@@ -487,8 +325,7 @@ class Trainer:
         try:
             while self.iteration < total:
                 batch = next(data)
-                x, masks = self._prepare(batch)
-                loss, terms = self.train_step(x, masks)
+                loss, terms = self.runner.step(*self.runner.prepare(batch))
                 self.iteration += 1
                 it = self.iteration
                 finite = torch.isfinite(loss)
@@ -506,13 +343,13 @@ class Trainer:
                 if not (at_log or at_save or at_val):
                     continue
                 # ---- a synchronisation point: read the accumulated values once
-                self._sync()
+                self.runner.sync()
                 self.train_seconds += time.perf_counter() - window_start
                 bad_it = int(first_bad.item())
                 if bad_it >= 0:
                     self._fail_nonfinite(bad_it, bad_terms, rec)
                 means = {k: float(v.item()) / count for k, v in sums.items()}
-                means["lr"] = self.optimizer.param_groups[0]["lr"]
+                means["lr"] = self.runner.optimizer.param_groups[0]["lr"]
                 means["train_seconds"] = self.train_seconds
                 rec.write("train", it, means)
                 rec.advance(count, {k: means[k] for k in ("loss", "lr") if k in means})
@@ -584,22 +421,7 @@ class Trainer:
         )
 
 
-def _load_teacher(teacher: Segmentor, path: str) -> None:
-    """Teacher files usually come with an auxiliary head the teacher does not need here: drop it."""
-    from ..models.checkpoint import extract_state_dict
-    from ..models.convert import from_official, is_official_layout, unwrap_state_dict
-
-    state = extract_state_dict(safe_load(path), path)
-    assert teacher.spec is not None
-    state = from_official(state, teacher.spec.model, teacher.spec.backbone) if is_official_layout(state) \
-        else unwrap_state_dict(state)
-    state = {k: v for k, v in state.items() if not k.startswith("aux_head.")}
-    load_weights(teacher, state, name=path)
-
-
 def _json_line(rec: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(rec) + "\n"
 
 
@@ -608,4 +430,4 @@ def train(cfg: ExperimentConfig, resume: str | None = None, progress: bool = Tru
     return Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite).fit()
 
 
-__all__ = ["PolyDecay", "TrainResult", "Trainer", "resolve_amp", "train"]
+__all__ = ["TrainResult", "Trainer", "train"]

@@ -41,6 +41,11 @@ class DistillLoss(nn.Module):
     #: Whether ``forward`` needs the labels (``targets``: B×H×W int64 at input resolution, 255 = ignore).
     needs_targets: ClassVar[bool] = False
 
+    def batch_requirement(self) -> tuple[int, str]:
+        """(the fewest samples the loss needs, "device" or "global"): checked by the engine at start-up against
+        the per-device or the global batch."""
+        return self.min_batch_per_device, "device"
+
     def forward(  # type: ignore[override]
         self, student: SegOutput, teacher: SegOutput, targets: Tensor | None = None
     ) -> dict[str, Tensor]:

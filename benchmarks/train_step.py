@@ -1,0 +1,158 @@
+"""Time the engine's full training step for each method (issue 8).
+
+Builds cskd's teacher and student through the engine's own StepRunner (the object the Trainer uses), feeds random
+uint8 batches of the training size, and times each step with CUDA events after warm-up (host clock + synchronize
+on the CPU). Prints a Markdown table and writes JSON.
+
+    python benchmarks/train_step.py                       # H100: B=8, 512×1024, bf16, R101 → R18
+    python benchmarks/train_step.py --compile --out step.json
+    python benchmarks/train_step.py --device cpu --batch 3 --size 64 128 --iters 3 --warmup 1   # CI-sized
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cskd.engine.config import config_from_dict
+from cskd.engine.distributed import DistEnv
+from cskd.engine.runner import StepRunner
+
+PUBLISHED_CSKD = [{"name": "cwd", "weight": 3.0, "temperature": 2.0},
+                  {"name": "cskd", "lambda_cam": 0.3, "lambda_pam": 0.8, "temperature": 2.0}]
+METHODS: dict[str, tuple[bool, list[dict[str, Any]]]] = {
+    # name: (teacher forward?, distillation losses)
+    "student": (False, []),
+    "teacher": (True, []),
+    "cwd": (True, [PUBLISHED_CSKD[0]]),
+    "cskd": (True, PUBLISHED_CSKD),
+    "cskd_fixed": (True, [PUBLISHED_CSKD[0], {**PUBLISHED_CSKD[1], "pam_projection": "fixed"}]),
+    "kd": (True, [{"name": "kd", "weight": 1.0, "temperature": 1.0}]),
+}
+
+
+def make_runner(args: argparse.Namespace, method: str, device: torch.device) -> StepRunner:
+    with_teacher, losses = METHODS[method]
+    amp = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}[args.dtype]
+    cfg = config_from_dict({
+        "name": f"bench_{method}",
+        "model": {"model": args.student[0], "backbone": args.student[1]},
+        "teacher": {"model": args.teacher[0], "backbone": args.teacher[1]},
+        "losses": losses,
+        "data": {"crop_size": list(args.size)},
+        "train": {"batch_size": args.batch, "amp": amp, "compile": args.compile, "channels_last": not args.no_channels_last,
+                  "device": str(device), "budget": {"iterations": 10**6}},
+    })
+    return StepRunner(cfg, args.num_classes, DistEnv(0, 1, 0, device), args.batch, with_teacher=with_teacher)
+
+
+def count_step_flops(runner: StepRunner, size: tuple[int, int]) -> float:
+    """FLOPs of one step per image: teacher forward + student forward and backward + loss terms, as
+    torch.utils.flop_counter counts them over one step of the runner's batch."""
+    batch = runner.random_batch(size)
+    with FlopCounterMode(display=False) as counter:
+        runner.step(*runner.prepare(batch))
+    return counter.get_total_flops() / runner.batch_per_device
+
+
+def time_steps(runner: StepRunner, size: tuple[int, int], warmup: int, iters: int) -> list[float]:
+    batch = runner.random_batch(size)
+    cuda = runner.device.type == "cuda"
+    x, masks = runner.prepare(batch)
+    for _ in range(warmup):
+        runner.step(x, masks)
+    runner.sync()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            runner.step(x, masks)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            runner.step(x, masks)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="student,teacher,cwd,cskd,cskd_fixed,kd")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"))
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--teacher", nargs=2, default=("deeplabv3", "resnet101"), metavar=("MODEL", "BACKBONE"))
+    p.add_argument("--student", nargs=2, default=("deeplabv3", "resnet18"), metavar=("MODEL", "BACKBONE"))
+    p.add_argument("--num-classes", type=int, default=19)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (it runs one extra eager step)")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    size = tuple(args.size)
+    rows = []
+    for method in args.methods.split(","):
+        torch.manual_seed(0)
+        runner = make_runner(args, method, device)
+        flops = None if args.no_flops else count_step_flops(runner, size)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = time_steps(runner, size, args.warmup, args.iters)
+        med = statistics.median(times)
+        row = {
+            "method": method, "median_s": med, "p10_s": sorted(times)[len(times) // 10],
+            "p90_s": sorted(times)[(9 * len(times)) // 10], "img_per_s": args.batch / med,
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "gflop_per_img": flops / 1e9 if flops else None,
+            "tflops": flops * args.batch / med / 1e12 if flops else None,
+        }
+        rows.append(row)
+        print(f"{method}: {med * 1000:.1f} ms/step, {row['img_per_s']:.1f} img/s", flush=True)
+        del runner
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    ref = {r["method"]: r["median_s"] for r in rows}
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "batch": args.batch, "size": list(size), "dtype": args.dtype,
+        "compile": args.compile, "channels_last": not args.no_channels_last, "teacher": list(args.teacher),
+        "student": list(args.student), "warmup": args.warmup, "iters": args.iters,
+    }
+    print(f"\n{meta['device']}, torch {meta['torch']}, B={args.batch}, {size[0]}×{size[1]}, {args.dtype}, "
+          f"compile={'on' if args.compile else 'off'}, {args.teacher[0]}-{args.teacher[1]} → "
+          f"{args.student[0]}-{args.student[1]}\n")
+    print("| method | ms/step (median) | img/s | vs teacher-only step | peak GiB | GFLOP/img | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        rel = f"{100 * (r['median_s'] / ref['teacher'] - 1):+.1f}%" if "teacher" in ref else "–"
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "–"
+        gf = f"{r['gflop_per_img']:.0f}" if r["gflop_per_img"] else "–"
+        tf = f"{r['tflops']:.3g}" if r["tflops"] else "–"
+        print(f"| {r['method']} | {1000 * r['median_s']:.1f} | {r['img_per_s']:.1f} | {rel} | {peak} | {gf} | {tf} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Decoding images and label maps, with errors that name the file and say what is wrong.
+
+torchvision's ``decode_image`` (libjpeg-turbo / libpng into a C×H×W tensor, no Python per-pixel work) is the fast
+path; Pillow is the fallback for what it does not handle (a 16-bit or oddly encoded label PNG, TIFF, BMP) and for
+telling corrupt files apart. torchvision 0.29 deprecates its decoders in favour of TorchCodec; its deprecation
+warning is silenced here, and should a future torchvision drop them, everything goes through Pillow unchanged.
+Label files must hold class values directly (one channel); an RGB label is almost always a colour visualisation
+picked up by mistake.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+from .info import LabelTable
+
+try:
+    from torchvision.io import ImageReadMode, decode_image
+except ImportError:  # a torchvision without the (deprecated) decoders
+    decode_image = None
+
+
+def _tv_decode(data: torch.Tensor, rgb: bool) -> torch.Tensor | None:
+    """torchvision's decode, or None when it is unavailable or refuses the bytes (Pillow then decides)."""
+    if decode_image is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_image(data, mode=ImageReadMode.RGB if rgb else ImageReadMode.UNCHANGED)
+    except RuntimeError:
+        return None
+
+
+def _pil_open(path: Path, what: str) -> Image.Image:
+    im = None
+    try:
+        im = Image.open(path)
+        im.load()  # force the full decode: a truncated file fails here, not later
+        return im
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        if im is not None:
+            im.close()
+        raise DataError(f"{path}: cannot decode {what} ({e}); the file is corrupt, truncated or not an image") from None
+
+
+def _read_bytes(path: Path, what: str) -> torch.Tensor:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read {what} file ({e.strerror or e})") from None
+    if not data:
+        raise DataError(f"{path}: {what} file is empty")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """3×H×W uint8 RGB (grey and palette images are expanded, alpha is dropped)."""
+    path = Path(path)
+    img = _tv_decode(_read_bytes(path, "image"), rgb=True)
+    if img is not None and img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3:
+        return img
+    im = _pil_open(path, "image")
+    return torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """H×W uint8 array of the values stored in a label file (class ids or palette indices)."""
+    path = Path(path)
+    lab = _tv_decode(_read_bytes(path, "label"), rgb=False)
+    if lab is not None and lab.dtype == torch.uint8 and lab.ndim == 3 and lab.shape[0] == 1:
+        return lab[0].numpy()
+    im = _pil_open(path, "label")
+    if im.mode in ("L", "P"):  # P: VOC's palette PNGs, whose indices are the class ids
+        return np.array(im, dtype=np.uint8)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L"):
+        arr = np.array(im)
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise DataError(f"{path}: 16/32-bit label with values up to {int(arr.max())}; labels must be 8-bit "
+                            "class ids (0–255)")
+        return arr.astype(np.uint8)
+    raise DataError(f"{path}: label image has mode {im.mode} ({len(im.getbands())} channels); labels must be "
+                    "single-channel class ids. Is this a colour visualisation instead of the id/annotation file?")
+
+
+def map_label(raw: np.ndarray, table: LabelTable, path: str | Path) -> np.ndarray:
+    """Stored values → train ids (255 = ignore) through the table; values the dataset does not define are an error
+    naming the file and the offending values."""
+    hi = int(raw.max()) if raw.size else 0
+    if not table.valid[: hi + 1].all():  # only then can an undefined value be present: look closer
+        bad = ~table.valid[raw]
+        if bad.any():
+            values = np.unique(raw[bad])
+            shown = ", ".join(str(v) for v in values[:8]) + (" …" if len(values) > 8 else "")
+            raise DataError(f"{path}: label holds value(s) {shown} ({int(bad.sum())} pixels) outside this "
+                            f"dataset's ids ({table.valid_values}); wrong dataset, or a corrupt/colour label file?")
+    return np.take(table.to_train, raw)
+
+
+__all__ = ["map_label", "read_image", "read_label"]

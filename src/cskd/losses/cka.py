@@ -1,0 +1,194 @@
+"""Linear CKA (centred kernel alignment) between two sets of per-sample features, and CSKD's −log CKA term.
+
+Rows are samples: ``x`` is B×D1 and ``y`` B×D2 (each sample's map flattened), so CKA compares how the *batch* is
+arranged in the two feature spaces. With K = XXᵀ, L = YYᵀ and H = I − 11ᵀ/B,
+
+    HSIC(K, L) = Σᵢⱼ (HKH)ᵢⱼ (HLH)ᵢⱼ,    CKA = HSIC(K, L) / √(HSIC(K, K) · HSIC(L, L))  ∈ [0, 1].
+
+Everything here works on B×B Gram matrices: forming one costs a single pass over the features, whatever D is,
+and the rest is B×B arithmetic. Leading dimensions are batch dimensions (``(..., B, D)`` → ``(..., B, B)``), so
+the 25 blocks of grid PAM are scored by one call.
+
+Numerics. Gram matrices, HSIC and the log are computed in float32 (float64 stays float64) with autocast switched
+off: centring subtracts numbers of similar size, which bf16's 8-bit mantissa cannot survive.
+
+Degenerate batches. CKA needs spread across the samples on both sides. With B = 2 the centred Gram matrices have
+rank 1 and CKA ≡ 1 (no signal); with B = 1 they are zero. When every sample of the batch is the same on one side
+(e.g. a constant block), HSIC(K, K) = 0 and CKA is 0/0, which the published code turns into NaN. Here a side counts
+as degenerate when ‖HKH‖_F ≤ 1e-6 · ‖K‖_F (zero up to float32 rounding); CKA is then taken as 1, so the term is
+−log(1 + 1e-8) = 0 with zero gradient (nothing to align, as with B = 2). ``cka_loss`` is −log(|CKA| + 1e-8) as in
+the published code (the epsilon sits *inside* the log there), so CKA = 0 gives a finite 18.42.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+#: The published code's guard: loss = −log(|CKA| + LOG_EPS).
+LOG_EPS = 1e-8
+#: A side whose centred Gram is this small relative to its Gram is treated as having no spread (see module doc).
+DEGENERATE_RTOL = 1e-6
+
+
+def no_autocast(t: Tensor) -> AbstractContextManager:
+    """Switch autocast off for ``t``'s device type: used around the float32 parts (Grams, HSIC, CAM energies)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 if any input is float64 (tests and gradcheck run in float64)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+#: Rows longer than this are multiplied in slices (see :func:`row_products`).
+_SPLIT_LENGTH = 1 << 16
+
+
+def row_products(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b.mT`` for ``(..., B, D)`` inputs: the B×B inner products of the rows.
+
+    For a whole map the rows are long (D = C·H·W ≈ 10⁶) and there are few of them (B ≈ 8): a single matrix
+    product would give the GPU an 8×8 output to split its work over. For 2-D inputs with long rows, D is cut into
+    up to 64 slices, multiplied as one batched product and summed (a strided view, no copy).
+    """
+    if a.dim() == 2 and a.shape[1] >= _SPLIT_LENGTH:
+        d = a.shape[1]
+        p = math.gcd(d, 64)
+        if p > 1:
+            av = a.reshape(a.shape[0], p, d // p).transpose(0, 1)
+            bv = b.reshape(b.shape[0], p, d // p).transpose(0, 1)
+            return torch.bmm(av, bv.mT).sum(0)
+    return a @ b.mT
+
+
+def gram(x: Tensor) -> Tensor:
+    """Linear kernel XXᵀ over the sample dimension: ``(..., B, D)`` → ``(..., B, B)``, in float32 or wider."""
+    with no_autocast(x):
+        x = x.to(compute_dtype(x))
+        return row_products(x, x)
+
+
+def centre_gram(k: Tensor) -> Tensor:
+    """HKH with H = I − 11ᵀ/B, written as double centring (no B×B matrix products)."""
+    return k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-2, -1), keepdim=True)
+
+
+def hsic(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741 - the usual name of the second kernel
+    """Σᵢⱼ (HKH)ᵢⱼ (HLH)ᵢⱼ over the last two dimensions (no 1/(B−1)² factor: it cancels in CKA)."""
+    return (centre_gram(k) * centre_gram(l)).sum((-2, -1))
+
+
+def cka_from_grams(k: Tensor, l: Tensor, rtol: float = DEGENERATE_RTOL) -> Tensor:  # noqa: E741
+    """CKA of two Gram matrices ``(..., B, B)`` → ``(...)``. A degenerate side gives CKA = 1 (see module doc)."""
+    with no_autocast(k):
+        dtype = compute_dtype(k, l)
+        k, l = k.to(dtype), l.to(dtype)  # noqa: E741
+        kc, lc = centre_gram(k), centre_gram(l)
+        kk = (kc * kc).sum((-2, -1))
+        ll = (lc * lc).sum((-2, -1))
+        kl = (kc * lc).sum((-2, -1))
+        valid = (kk > rtol**2 * (k * k).sum((-2, -1))) & (ll > rtol**2 * (l * l).sum((-2, -1)))
+        # Both branches of a where() are differentiated: feed the unused one harmless values so that a degenerate
+        # side yields an exact zero gradient instead of 0·inf = NaN.
+        one = torch.ones_like(kk)
+        den = torch.sqrt(torch.where(valid, kk, one)) * torch.sqrt(torch.where(valid, ll, one))
+        return torch.where(valid, kl / den, one)
+
+
+def neg_log_cka(cka: Tensor, eps: float = LOG_EPS) -> Tensor:
+    """The published term −log(|CKA| + eps); the abs only matters for rounding (linear CKA is ≥ 0)."""
+    return -torch.log(cka.abs() + eps)
+
+
+def linear_cka(x: Tensor, y: Tensor) -> Tensor:
+    """Linear CKA between ``x`` (B×…) and ``y`` (B×…), each sample flattened; a 0-dim tensor in [0, 1]."""
+    _check_pair(x, y)
+    return cka_from_grams(gram(x.flatten(1)), gram(y.flatten(1)))
+
+
+def cka_loss(x: Tensor, y: Tensor, eps: float = LOG_EPS) -> Tensor:
+    """−log(|CKA(x, y)| + eps) for ``x`` (B×…) and ``y`` (B×…): CSKD's similarity term."""
+    return neg_log_cka(linear_cka(x, y), eps)
+
+
+def residual_gram(m: Tensor, x: Tensor, gamma: Tensor, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Gram matrix ``(..., B, B)`` of the rows of γ·m + x (``m``, ``x``: ``(..., B, D)``), float32 or wider.
+
+    CAM and PAM outputs have this form. When neither ``m`` nor ``x`` needs a gradient (the teacher side), the
+    Gram is assembled as γ²·MMᵀ + γ·(MXᵀ + XMᵀ) + XXᵀ from three constant B×B products: γ keeps its gradient and
+    nothing of size D is kept for backward. ``gather`` (e.g. :func:`gather_samples`) collects the samples of all
+    ranks first.
+    """
+    gather = gather or _identity
+    with no_autocast(x):
+        dtype = compute_dtype(m, x)
+        gamma = gamma.to(dtype)
+        if torch.is_grad_enabled() and (m.requires_grad or x.requires_grad):
+            y = gather(torch.addcmul(x.to(dtype), m.to(dtype), gamma))
+            return row_products(y, y)
+        with torch.no_grad():
+            m, x = gather(m).to(dtype), gather(x).to(dtype)
+            mm, mx, xx = row_products(m, m), row_products(m, x), row_products(x, x)
+        return gamma * gamma * mm + gamma * (mx + mx.mT) + xx
+
+
+def distributed_world() -> int:
+    """The number of ranks when torch.distributed is initialised, else 1."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherSamples(torch.autograd.Function):
+    """all_gather along one dimension, differentiable. Backward sums the gradients of all ranks (each rank computes
+    the same global loss) and keeps this rank's slice, as ``torch.distributed.nn.functional.all_gather`` does (that
+    one is deprecated in recent torch and warns at every call); data-parallel averaging then yields the gradient of
+    the global loss."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, dim: int) -> Tensor:  # type: ignore[override]
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        ctx.dim, ctx.rank, ctx.size = dim, dist.get_rank(), t.shape[dim]
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size), None
+
+
+def gather_samples(t: Tensor) -> Tensor:
+    """The samples (dimension −2 of ``(..., B, D)``) of every rank, concatenated in rank order; differentiable.
+    Identity when torch.distributed is not initialised or has one rank. Every rank must hold the same B."""
+    if distributed_world() == 1:
+        return t
+    return _GatherSamples.apply(t, t.dim() - 2)
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def _check_pair(x: Tensor, y: Tensor) -> None:
+    if x.dim() < 2 or y.dim() < 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"CKA needs two tensors with the same number of samples in dimension 0 and at least 2 dimensions; got "
+            f"shapes {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+
+
+__all__ = [
+    "DEGENERATE_RTOL", "LOG_EPS", "centre_gram", "cka_from_grams", "cka_loss", "compute_dtype", "distributed_world",
+    "gather_samples", "gram", "hsic", "linear_cka", "neg_log_cka", "no_autocast", "residual_gram",
+    "row_products",
+]

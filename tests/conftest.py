@@ -1,0 +1,9 @@
+"""Shared test set-up: deterministic, single-threaded-ish CPU runs; tests/ on sys.path for helper modules."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(min(2, torch.get_num_threads()))
