@@ -101,6 +101,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (it runs one extra eager step)")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--profile", metavar="METHOD",
+                   help="after timing, profile 5 steps of METHOD with torch.profiler and print the top kernels "
+                        "(and write a Chrome trace beside --out)")
     args = p.parse_args()
 
     device = torch.device(args.device)
@@ -152,6 +155,28 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    if args.profile:
+        profile(args, device, size)
+
+
+def profile(args: argparse.Namespace, device: torch.device, size: tuple[int, int]) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    runner = make_runner(args, args.profile, device)
+    x, masks = runner.prepare(runner.random_batch(size))
+    for _ in range(args.warmup):
+        runner.step(x, masks)
+    runner.sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(5):
+            runner.step(x, masks)
+        runner.sync()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of 5 '{args.profile}' steps, by self {key.split('_')[1]} time:")
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+    if args.out:
+        prof.export_chrome_trace(args.out.rsplit(".", 1)[0] + f"_{args.profile}_trace.json")
 
 
 if __name__ == "__main__":
