@@ -132,6 +132,7 @@ class TrainConfig:
     """auto: bf16 autocast on CUDA, none on CPU. fp16 uses a GradScaler."""
     channels_last: bool = True
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     cudnn_benchmark: bool = True
     log_every: int = 50
     val_every: int = 4000

@@ -21,6 +21,7 @@ from ..evaluation.inference import resolve_amp
 from ..losses import build_loss
 from ..losses.base import DistillLoss
 from ..models import build_segmentor, load_backbone_weights, load_weights, safe_load
+from ..models.fusion import fold_batchnorm_
 from ..models.segmentor import SegOutput, Segmentor
 from .checkpointing import capture_rng, restore_rng
 from .config import ExperimentConfig
@@ -78,7 +79,9 @@ class StepRunner:
         self.channels_last = t.channels_last and self.device.type == "cuda"
         self._build_models()
         params = [p for p in self.step_module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        # One fused kernel for the whole update on CUDA instead of a few per parameter tensor.
+        self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                         fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.set_schedule(t.budget.iterations or 1)
 
@@ -103,7 +106,10 @@ class StepRunner:
             if tm.weights:
                 load_teacher_weights(teacher, tm.weights)
             teacher.eval().requires_grad_(False)
-            self.teacher = teacher.to(self.device)
+            # Frozen: its BatchNorms become part of the convs (exact), and its weights are stored in the autocast
+            # dtype so no step re-casts them.
+            fold_batchnorm_(teacher)
+            self.teacher = teacher.to(self.device, dtype=self.amp_dtype or torch.float32)
             for lc in cfg.losses:
                 if lc.name in losses:
                     raise ConfigError(f"losses: '{lc.name}' is listed twice")
@@ -123,11 +129,12 @@ class StepRunner:
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
         if t.compile:
-            step.model.compile()
+            mode = None if t.compile_mode == "default" else t.compile_mode
+            step.model.compile(mode=mode)
             if self.teacher is not None:
-                self.teacher.compile()
+                self.teacher.compile(mode=mode)
             for loss in step.losses.values():
-                loss.compile()
+                loss.compile(mode=mode)
         self.step_module = step
         self.student: Segmentor = step.model
         if self.env.distributed:

@@ -7,6 +7,7 @@ them unsynchronised across GPUs. The benchmark times this same module, so benchm
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -18,10 +19,42 @@ from ..losses.base import DistillLoss
 from ..models.segmentor import SegOutput, Segmentor
 
 
+@functools.lru_cache(maxsize=64)
+def _interpolation_matrix(out_size: int, in_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The (out × in) matrix of 1-D linear interpolation with align_corners=True: row i holds the weights that
+    ``F.interpolate(..., mode="bilinear", align_corners=True)`` gives output position i."""
+    if in_size == 1 or out_size == 1:
+        m = torch.zeros(out_size, in_size, dtype=torch.float64)
+        m[:, 0] = 1.0
+        return m.to(device, dtype)
+    src = torch.arange(out_size, dtype=torch.float64) * ((in_size - 1) / (out_size - 1))
+    lo = src.floor().long().clamp(max=in_size - 2)
+    frac = src - lo
+    m = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = torch.arange(out_size)
+    m[rows, lo] = 1.0 - frac
+    m[rows, lo + 1] += frac
+    return m.to(device, dtype)
+
+
+def upsample_bilinear(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear upsampling (align_corners=True) as two float32 matrix products, W then H.
+
+    Same values as ``F.interpolate`` (to float32 rounding), but its backward is two more matrix products instead of
+    the scatter-with-atomics kernel that ``upsample_bilinear2d_backward`` runs: on an H100 at B=8, 19 classes,
+    64×128 → 512×1024 that backward alone took 3.5 ms per call, twice per step (main and aux head)."""
+    h, w = logits.shape[-2:]
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    mh = _interpolation_matrix(size[0], h, logits.device, dtype)
+    mw = _interpolation_matrix(size[1], w, logits.device, dtype)
+    with torch.autocast(logits.device.type, enabled=False):
+        return mh @ (logits.to(dtype) @ mw.T)
+
+
 def segmentation_ce(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy with logits upsampled (bilinear, align_corners=True, as published) to the label size."""
     if logits.shape[-2:] != targets.shape[-2:]:
-        logits = F.interpolate(logits, targets.shape[-2:], mode="bilinear", align_corners=True)
+        logits = upsample_bilinear(logits, tuple(targets.shape[-2:]))
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
 
 
@@ -52,4 +85,4 @@ class TrainStep(nn.Module):
         return total, terms
 
 
-__all__ = ["TrainStep", "segmentation_ce"]
+__all__ = ["TrainStep", "segmentation_ce", "upsample_bilinear"]

@@ -136,8 +136,6 @@ class Trainer:
             torch.backends.cudnn.deterministic = True
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = t.cudnn_benchmark
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
 
     def _resume_path(self, resume: str | None, overwrite: bool) -> Path | None:
         last = self.run_dir / "last.pt"
