@@ -38,7 +38,7 @@ METHODS: dict[str, tuple[bool, list[dict[str, Any]]]] = {
 }
 
 
-def make_runner(args: argparse.Namespace, method: str, device: torch.device) -> StepRunner:
+def make_runner(args: argparse.Namespace, method: str, device: torch.device, eager: bool = False) -> StepRunner:
     with_teacher, losses = METHODS[method]
     amp = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}[args.dtype]
     cfg = config_from_dict({
@@ -47,7 +47,8 @@ def make_runner(args: argparse.Namespace, method: str, device: torch.device) -> 
         "teacher": {"model": args.teacher[0], "backbone": args.teacher[1]},
         "losses": losses,
         "data": {"crop_size": list(args.size)},
-        "train": {"batch_size": args.batch, "amp": amp, "compile": args.compile, "channels_last": not args.no_channels_last,
+        "train": {"batch_size": args.batch, "amp": amp, "compile": args.compile and not eager,
+                  "compile_mode": args.compile_mode, "loss_compile_mode": args.loss_compile_mode, "channels_last": not args.no_channels_last,
                   "device": str(device), "budget": {"iterations": 10**6}},
     })
     return StepRunner(cfg, args.num_classes, DistEnv(0, 1, 0, device), args.batch, with_teacher=with_teacher)
@@ -92,6 +93,9 @@ def main() -> None:
     p.add_argument("--size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"))
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16")
     p.add_argument("--compile", action="store_true")
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    p.add_argument("--compile-mode", default="default", choices=modes)
+    p.add_argument("--loss-compile-mode", default=None, choices=modes, help="for the losses (default: --compile-mode)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--teacher", nargs=2, default=("deeplabv3", "resnet101"), metavar=("MODEL", "BACKBONE"))
     p.add_argument("--student", nargs=2, default=("deeplabv3", "resnet18"), metavar=("MODEL", "BACKBONE"))
@@ -107,16 +111,15 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device(args.device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # the engine's settings (Trainer._configure_backends); TF32 stays PyTorch's default
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     size = tuple(args.size)
     rows = []
     for method in args.methods.split(","):
         torch.manual_seed(0)
+        # Counted on an eager twin: a FlopCounterMode around compiled code would leave it running eagerly.
+        flops = None if args.no_flops else count_step_flops(make_runner(args, method, device, eager=True), size)
         runner = make_runner(args, method, device)
-        flops = None if args.no_flops else count_step_flops(runner, size)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = time_steps(runner, size, args.warmup, args.iters)
@@ -138,11 +141,13 @@ def main() -> None:
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "batch": args.batch, "size": list(size), "dtype": args.dtype,
-        "compile": args.compile, "channels_last": not args.no_channels_last, "teacher": list(args.teacher),
+        "compile": args.compile, "compile_mode": args.compile_mode, "loss_compile_mode": args.loss_compile_mode,
+        "channels_last": not args.no_channels_last, "teacher": list(args.teacher),
         "student": list(args.student), "warmup": args.warmup, "iters": args.iters,
     }
+    mode = f" ({args.compile_mode}; losses {args.loss_compile_mode or args.compile_mode})" if args.compile else ""
     print(f"\n{meta['device']}, torch {meta['torch']}, B={args.batch}, {size[0]}×{size[1]}, {args.dtype}, "
-          f"compile={'on' if args.compile else 'off'}, {args.teacher[0]}-{args.teacher[1]} → "
+          f"compile={'on' if args.compile else 'off'}{mode}, {args.teacher[0]}-{args.teacher[1]} → "
           f"{args.student[0]}-{args.student[1]}\n")
     print("| method | ms/step (median) | img/s | vs teacher-only step | peak GiB | GFLOP/img | TFLOP/s |")
     print("|---|---|---|---|---|---|---|")
@@ -162,6 +167,7 @@ def main() -> None:
 def profile(args: argparse.Namespace, device: torch.device, size: tuple[int, int]) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
+    torch.manual_seed(0)
     runner = make_runner(args, args.profile, device)
     x, masks = runner.prepare(runner.random_batch(size))
     for _ in range(args.warmup):

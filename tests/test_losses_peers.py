@@ -7,12 +7,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cskd.errors import ConfigError
 from cskd.losses import LOSSES, _load_all, build_loss
 from cskd.losses.cirkd import (
-    CIRKDLoss,
     fifo_enqueue,
     minibatch_pixel_relation,
     relation_kd,

@@ -131,11 +131,18 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     """auto: bf16 autocast on CUDA, none on CPU. fp16 uses a GradScaler."""
     channels_last: bool = True
-    compile: bool = False
+    compile: bool | None = None
+    """torch.compile the trained model, the teacher and the losses; null = on CUDA yes, on the CPU no."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    loss_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    """For the distillation losses (null: as compile_mode). Their many small kernels make them launch-bound; CUDA
+    graphs ("reduce-overhead") take the launch cost away."""
     cudnn_benchmark: bool = True
     log_every: int = 50
     val_every: int = 4000
+    val_points: int | None = None
+    """Evaluate this many times, evenly spread (overrides val_every; for curves of runs whose length is only known
+    after a time-budget calibration)."""
     save_every: int = 1000
     device: str = "auto"
     sync_bn: bool = True
@@ -169,6 +176,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig | None = None
+    method: str | None = None
+    """A named method from :mod:`cskd.methods` (e.g. ``cskd``, ``cwd``, ``baseline``): fills ``losses``."""
     losses: tuple[LossConfig, ...] = ()
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -301,6 +310,17 @@ def config_from_dict(raw: Mapping[str, Any], where: str = "config") -> Experimen
     losses_raw = raw.pop("losses", None) or []
     if not isinstance(losses_raw, list):
         raise ConfigError(f"{where}: key 'losses' must be a list of {{name: ..., <params>}} entries")
+    method = raw.get("method")
+    if method is not None:
+        from ..methods import METHODS
+
+        if method not in METHODS:
+            raise ConfigError(f"{where}: unknown method '{method}'; choose one of {', '.join(METHODS)} (or list "
+                              "'losses' yourself)")
+        recipe = [dict(lc) for lc in METHODS[method].losses]
+        if losses_raw and losses_raw != recipe:
+            raise ConfigError(f"{where}: set either 'method' ({method}) or 'losses', not both")
+        losses_raw = recipe
     cfg = build_dataclass(ExperimentConfig, raw, where)
     losses = []
     for i, entry in enumerate(losses_raw):

@@ -128,13 +128,17 @@ class StepRunner:
             step.to(memory_format=torch.channels_last)
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
-        if t.compile:
+        self.cudagraphs = False
+        if t.compile or (t.compile is None and self.device.type == "cuda"):
             mode = None if t.compile_mode == "default" else t.compile_mode
+            loss_mode = t.loss_compile_mode or t.compile_mode
+            loss_mode = None if loss_mode == "default" else loss_mode
             step.model.compile(mode=mode)
             if self.teacher is not None:
                 self.teacher.compile(mode=mode)
             for loss in step.losses.values():
-                loss.compile(mode=mode)
+                loss.compile(mode=loss_mode)
+            self.cudagraphs = "reduce-overhead" in (mode, loss_mode) and self.device.type == "cuda"
         self.step_module = step
         self.student: Segmentor = step.model
         if self.env.distributed:
@@ -193,6 +197,8 @@ class StepRunner:
 
     def step(self, x: Tensor, masks: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """One optimisation step; returns the total loss and its terms, detached, on the device (no host sync)."""
+        if self.cudagraphs:  # a new iteration: CUDA-graph outputs of the previous one may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         teacher_out = self.teacher_forward(x)
         with self.autocast():
             total, terms = self.train_module(x, masks, teacher_out)
@@ -201,7 +207,8 @@ class StepRunner:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return total.detach(), {k: v.detach().float() for k, v in terms.items()}
+        # Copies (scalars): the values outlive this step, and CUDA-graph outputs are reused by the next replay.
+        return total.detach().clone(), {k: v.detach().float().clone() for k, v in terms.items()}
 
     def sync_buffers(self) -> None:
         """Give every process rank 0's BatchNorm statistics (they drift apart without SyncBatchNorm, e.g. on CPUs)."""

@@ -47,8 +47,13 @@ def upsample_bilinear(logits: Tensor, size: tuple[int, int]) -> Tensor:
     dtype = torch.promote_types(logits.dtype, torch.float32)
     mh = _interpolation_matrix(size[0], h, logits.device, dtype)
     mw = _interpolation_matrix(size[1], w, logits.device, dtype)
+    b, c = logits.shape[:2]
     with torch.autocast(logits.device.type, enabled=False):
-        return mh @ (logits.to(dtype) @ mw.T)
+        rows = (logits.to(dtype) @ mw.T).reshape(b * c, h, size[1])
+        # A batched product with the H matrix first keeps the result contiguous (B·C, H, W); ``mh @ rows`` with a
+        # broadcast 2-D left operand would come back as a transposed view, and every elementwise kernel of the
+        # cross-entropy after it would run on strided memory.
+        return torch.bmm(mh.expand(b * c, -1, -1), rows).view(b, c, size[0], size[1])
 
 
 def segmentation_ce(logits: Tensor, targets: Tensor) -> Tensor:

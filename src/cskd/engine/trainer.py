@@ -312,6 +312,7 @@ class Trainer:
             rec.write("budget", 0, {"gpu_seconds": t.budget.gpu_seconds, "step_seconds": self.step_seconds,
                                     "planned_iterations": total})
 
+        val_every = max(1, total // t.val_points) if t.val_points else t.val_every
         loader = self._make_train_loader(self.iteration)
         data = iter(_infinite(loader))
         self.step_module.train()
@@ -337,7 +338,7 @@ class Trainer:
 
                 at_log = it % t.log_every == 0 or it == total
                 at_save = it % t.save_every == 0 or it == total
-                at_val = it % t.val_every == 0 or it == total
+                at_val = it % val_every == 0 or it == total
                 if not (at_log or at_save or at_val):
                     continue
                 # ---- a synchronisation point: read the accumulated values once

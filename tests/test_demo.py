@@ -1,0 +1,37 @@
+"""The main job, end to end at a tiny size: data, teacher, students, report with a numeric table and pictures."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from PIL import Image
+
+from cskd.cli import main
+
+
+def test_demo_runs_end_to_end_and_reports(tmp_path: Path) -> None:
+    out, data = tmp_path / "demo", tmp_path / "data"
+    args = ["demo", "--preset", "tiny", "--out", str(out), "--data-root", str(data), "--device", "cpu",
+            "--no-progress"]
+    assert main(args) == 0
+    report = (out / "report.md").read_text()
+    assert "small preset" in report or "tiny preset" in report
+    rows = [line for line in report.splitlines() if line.startswith("| DeepLabV3")]
+    assert len(rows) == 3  # teacher, baseline, cskd
+    for row in rows:
+        assert re.search(r"\| \d+\.\d\d \|", row), row  # a numeric mIoU in every row
+    assert re.search(r"\| cskd \| \d+\.\d\d \| [+-]\d+\.\d\d \|", report)  # Δ against the baseline
+    pngs = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)
+    assert len(pngs) == 2
+    for name in pngs:
+        with Image.open(out / name) as im:
+            im.verify()
+        with Image.open(out / name) as im:
+            assert im.width > 100 and im.height > 50
+    assert (out / "results.json").exists()
+
+    # Again: everything is found finished, nothing is retrained.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("last.pt")}
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("last.pt")} == before
