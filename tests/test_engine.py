@@ -85,7 +85,7 @@ def test_checkpoint_holds_everything_for_a_resume(synth_root: Path, tmp_path: Pa
     Trainer(cfg, progress=False).fit()
     ckpt = safe_load(tmp_path / "run" / "last.pt")  # weights_only: plain containers and tensors only
     for key in ("model", "spec", "losses", "optimizer", "scheduler", "scaler", "iteration", "rng", "config",
-                "dataset", "cskd_version", "train_seconds"):
+                "dataset", "cskd_version", "train_seconds", "warmup_seconds", "warmup_steps"):
         assert key in ckpt, key
     assert ckpt["iteration"] == 2 and ckpt["spec"]["backbone"] == "mobilenetv2"
     assert {"cskd.gamma_cam", "cskd.gamma_pam", "cskd.pam_student_weight", "cskd.pam_teacher_bias"} <= set(ckpt["losses"])
@@ -184,8 +184,11 @@ def test_time_budget_plans_and_records_seconds(synth_root: Path, tmp_path: Path)
     result = trainer.fit()
     assert result.iterations == planned
     assert result.planned_seconds == pytest.approx(planned * trainer.step_seconds)
-    # Training time excludes evaluation and checkpoints; one step's variation is the tolerance that matters.
-    assert result.train_seconds <= 3.0 * 1.5 + trainer.step_seconds
+    # Training time excludes evaluation, checkpoints and the first (warm-up) step. The calibration times steps on
+    # batches already in memory while the real loop also loads data (workers: 0 here) on a shared 2-core machine,
+    # so allow half the budget either way; a plan that ignored the step time would miss by far more.
+    assert result.warmup_seconds > 0
+    assert 0.5 * 3.0 <= result.train_seconds + trainer.step_seconds <= 1.5 * 3.0 + trainer.step_seconds
     budget = read_records(tmp_path / "tb" / "log.jsonl", "budget")
     assert budget and budget[0]["planned_iterations"] == planned
 

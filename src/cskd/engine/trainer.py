@@ -47,6 +47,8 @@ class TrainResult:
     step_seconds: float | None
     """For a time budget: the calibrated time of one step."""
     eval_seconds: float
+    warmup_seconds: float
+    """The first step of each process start (compilation, cuDNN autotuning), kept out of ``train_seconds``."""
     checkpoint_seconds: float
     best_miou: float | None
     best_iteration: int | None
@@ -107,6 +109,8 @@ class Trainer:
 
         self.iteration = 0
         self.train_seconds = 0.0
+        self.warmup_seconds = 0.0
+        self.warmup_steps = 0
         self.eval_seconds = 0.0
         self.checkpoint_seconds = 0.0
         self.best_miou: float | None = None
@@ -212,6 +216,8 @@ class Trainer:
             "total_iterations": self.total_iterations,
             "step_seconds": self.step_seconds,
             "train_seconds": self.train_seconds,
+            "warmup_seconds": self.warmup_seconds,
+            "warmup_steps": self.warmup_steps,
             "eval_seconds": self.eval_seconds,
             "checkpoint_seconds": self.checkpoint_seconds,
             "best_miou": self.best_miou,
@@ -261,6 +267,8 @@ class Trainer:
         self.iteration = int(ckpt["iteration"])
         self.step_seconds = ckpt.get("step_seconds")
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
+        self.warmup_seconds = float(ckpt.get("warmup_seconds", 0.0))
+        self.warmup_steps = int(ckpt.get("warmup_steps", 0))
         self.eval_seconds = float(ckpt.get("eval_seconds", 0.0))
         self.checkpoint_seconds = float(ckpt.get("checkpoint_seconds", 0.0))
         self.best_miou = ckpt.get("best_miou")
@@ -321,12 +329,21 @@ class Trainer:
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         bad_terms: dict[str, Tensor] = {}
         window_start = time.perf_counter()
+        first_step = True
         try:
             while self.iteration < total:
                 batch = next(data)
                 loss, terms = self.runner.step(*self.runner.prepare(batch))
                 self.iteration += 1
                 it = self.iteration
+                if first_step:
+                    # The first step of a process pays for compilation and cuDNN autotuning: timed on its own and
+                    # kept out of the training time, so runs compare by their steady step cost.
+                    self.runner.sync()
+                    self.warmup_seconds += time.perf_counter() - window_start
+                    self.warmup_steps += 1
+                    window_start = time.perf_counter()
+                    first_step = False
                 finite = torch.isfinite(loss)
                 newly_bad = (~finite) & (first_bad < 0)
                 first_bad = torch.where(newly_bad, torch.full_like(first_bad, it), first_bad)
@@ -374,15 +391,18 @@ class Trainer:
         result = TrainResult(
             run_dir=self.run_dir, iterations=self.iteration, train_seconds=self.train_seconds,
             planned_seconds=self.planned_seconds, step_seconds=self.step_seconds, eval_seconds=self.eval_seconds,
+            warmup_seconds=self.warmup_seconds,
             checkpoint_seconds=self.checkpoint_seconds, best_miou=self.best_miou, best_iteration=self.best_iteration,
             final_metrics=metrics.to_dict() if metrics is not None else None,
-            images_per_second=(self.iteration * t.batch_size / self.train_seconds) if self.train_seconds else 0.0,
+            images_per_second=((self.iteration - self.warmup_steps) * t.batch_size / self.train_seconds)
+            if self.train_seconds else 0.0,
             history=read_records(self.run_dir / "log.jsonl") if main else [],
         )
         if main:
             summary = {
                 "iterations": result.iterations, "train_seconds": result.train_seconds,
                 "planned_seconds": result.planned_seconds, "eval_seconds": result.eval_seconds,
+                "warmup_seconds": result.warmup_seconds,
                 "checkpoint_seconds": result.checkpoint_seconds, "images_per_second": result.images_per_second,
                 "best_miou": result.best_miou, "best_iteration": result.best_iteration,
             }
@@ -393,7 +413,8 @@ class Trainer:
             best = f"best val mIoU {100 * self.best_miou:.2f}% at iteration {self.best_iteration}" \
                 if self.best_miou is not None else "no validation"
             print(f"done: {self.iteration} iterations, {self.train_seconds:.1f} s of training "
-                  f"({result.images_per_second:.1f} img/s), {best}; checkpoints in {self.run_dir}", flush=True)
+                  f"({result.images_per_second:.1f} img/s; first step {self.warmup_seconds:.1f} s, not counted), "
+                  f"{best}; checkpoints in {self.run_dir}", flush=True)
         return result
 
     def _fail_nonfinite(self, iteration: int, terms: dict[str, Tensor], rec: RunRecorder) -> None:
