@@ -174,6 +174,15 @@ def test_cka_losses_refuse_small_batches(synth_root: Path, tmp_path: Path) -> No
     Trainer(mse, progress=False)  # MSE compares maps per sample: no batch requirement
 
 
+def test_per_device_cka_refuses_two_images_per_process(synth_root: Path, tmp_path: Path) -> None:
+    from cskd.engine.distributed import DistEnv
+    from cskd.engine.runner import StepRunner
+
+    cfg = config_from_dict(tiny_config(synth_root, tmp_path / "x", [{"name": "cskd"}], batch_size=4))
+    with pytest.raises(ConfigError, match="gives 2.*cka_scope: global"):
+        StepRunner(cfg, 13, DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")), 2)
+
+
 def test_time_budget_plans_and_records_seconds(synth_root: Path, tmp_path: Path) -> None:
     cfg = config_from_dict(tiny_config(synth_root, tmp_path / "tb", None,
                                        budget={"gpu_seconds": 3.0, "warmup_steps": 1, "calibration_steps": 3}))
@@ -221,8 +230,10 @@ def _free_port() -> int:
 def test_ddp_gloo_two_processes_end_with_identical_weights(synth_root: Path, tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    losses = [{"name": "cwd", "weight": 3.0, "temperature": 2.0}, {"name": "cskd", "pam_projection": "learned"}]
-    cfg = tiny_config(synth_root, tmp_path / "ddp", losses, batch_size=6, budget={"iterations": 2})
+    # Two images per process: only CKA over the global batch (4) has the 3 samples it needs.
+    losses = [{"name": "cwd", "weight": 3.0, "temperature": 2.0},
+              {"name": "cskd", "pam_projection": "learned", "cka_scope": "global"}]
+    cfg = tiny_config(synth_root, tmp_path / "ddp", losses, batch_size=4, budget={"iterations": 2})
     mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)

@@ -263,3 +263,23 @@ def test_unknown_names_are_rejected() -> None:
         build_segmentor("deeplabv3", "resnet34", num_classes=19)
     with pytest.raises(ValueError, match="unknown model"):
         build_segmentor("unet", "resnet18", num_classes=19)
+
+
+def test_convert_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cskd.cli import main
+
+    official = deterministic_state(layout("official_keys_psp_resnet18"))
+    src = tmp_path / "psp_resnet18_citys.pth"
+    torch.save(official, src)
+    ours = tmp_path / "ours.pth"
+    assert main(["convert", str(src), "--to", "cskd", "--out", str(ours), "--model", "pspnet",
+                 "--backbone", "resnet18"]) == 0
+    assert any(k.startswith("backbone.") for k in torch.load(ours, weights_only=True))
+    back = tmp_path / "back.pth"
+    assert main(["convert", str(ours), "--to", "official", "--out", str(back), "--model", "pspnet",
+                 "--backbone", "resnet18"]) == 0
+    again = torch.load(back, weights_only=True)
+    assert again.keys() == official.keys() and all(torch.equal(again[k], official[k]) for k in official)
+    assert "published model name 'psp'" in capsys.readouterr().out
+    assert main(["convert", str(ours), "--to", "official", "--out", str(back), "--model", "pspnet",
+                 "--backbone", "resnet18"]) == 1  # exists: refused without --overwrite
