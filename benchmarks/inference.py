@@ -22,12 +22,12 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cskd.timing import time_calls
 from cskd.evaluation import predict_logits, resolve_amp
 from cskd.models import build_segmentor
 
@@ -96,21 +96,7 @@ def time_mode(net: torch.nn.Module, x: torch.Tensor, kwargs: dict[str, Any], amp
         return predict_logits(net, x, amp_dtype=amp, **kwargs).argmax(1)
 
     with torch.inference_mode():
-        for _ in range(warmup):
-            once()
-        times = []
-        for _ in range(iters):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                once()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                once()
-                times.append((time.perf_counter() - t0) * 1000)
+        times, _ = time_calls(once, warmup=warmup, iters=iters, cuda=cuda)
     return times
 
 

@@ -15,7 +15,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cskd.engine.config import config_from_dict
 from cskd.engine.distributed import DistEnv
 from cskd.engine.runner import StepRunner
+from cskd.timing import time_calls
 
 PUBLISHED_CSKD = [{"name": "cwd", "weight": 3.0, "temperature": 2.0},
                   {"name": "cskd", "lambda_cam": 0.3, "lambda_pam": 0.8, "temperature": 2.0}]
@@ -64,26 +64,10 @@ def count_step_flops(runner: StepRunner, size: tuple[int, int]) -> float:
 
 
 def time_steps(runner: StepRunner, size: tuple[int, int], warmup: int, iters: int) -> list[float]:
-    batch = runner.random_batch(size)
-    cuda = runner.device.type == "cuda"
-    x, masks = runner.prepare(batch)
-    for _ in range(warmup):
-        runner.step(x, masks)
-    runner.sync()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            runner.step(x, masks)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            runner.step(x, masks)
-            times.append(time.perf_counter() - t0)
-    return times
+    """Seconds of each timed step (CUDA events on a GPU), after ``warmup`` untimed steps."""
+    x, masks = runner.prepare(runner.random_batch(size))
+    ms, _ = time_calls(lambda: runner.step(x, masks), warmup=warmup, iters=iters, cuda=runner.device.type == "cuda")
+    return [t / 1000 for t in ms]
 
 
 def main() -> None:

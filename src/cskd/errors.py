@@ -19,3 +19,7 @@ class DataError(CskdError, RuntimeError):
 
 class TrainingError(CskdError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class ExportError(CskdError, RuntimeError):
+    """An export failed, or the exported model does not reproduce the PyTorch model (verification)."""

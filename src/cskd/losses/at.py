@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.segmentor import SegOutput
-from .base import DistillLoss, register_loss
+from .base import DistillLoss, check_non_negative, check_positive, register_loss
 from .cka import compute_dtype, no_autocast
 
 
@@ -57,10 +57,8 @@ class ATLoss(DistillLoss):
         p: float = 2.0,
     ) -> None:
         super().__init__()
-        if weight < 0:
-            raise ValueError(f"weight must be ≥ 0, got {weight}")
-        if not p > 0:
-            raise ValueError(f"p must be > 0, got {p}")
+        check_non_negative(weight=weight)
+        check_positive(p=p)
         self.weight = float(weight)
         self.p = float(p)
 

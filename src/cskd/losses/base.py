@@ -52,6 +52,20 @@ class DistillLoss(nn.Module):
         raise NotImplementedError
 
 
+def check_non_negative(**values: float) -> None:
+    """Raise ValueError naming the first argument that is negative (loss weights: 0 switches a term off)."""
+    for name, value in values.items():
+        if value < 0:
+            raise ValueError(f"{name} must be ≥ 0, got {value}")
+
+
+def check_positive(**values: float) -> None:
+    """Raise ValueError naming the first argument that is not > 0 (temperatures, exponents)."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
 LOSSES: dict[str, type[DistillLoss]] = {}
 
 
@@ -90,4 +104,5 @@ def build_loss(
         raise ConfigError(f"{where}: {name}: {e}") from None
 
 
-__all__ = ["CONTEXT_ARGS", "DistillLoss", "LOSSES", "build_loss", "register_loss"]
+__all__ = ["CONTEXT_ARGS", "DistillLoss", "LOSSES", "build_loss", "check_non_negative", "check_positive",
+           "register_loss"]

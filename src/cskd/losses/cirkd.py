@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..models.segmentor import SegOutput
-from .base import DistillLoss, register_loss
+from .base import DistillLoss, check_non_negative, check_positive, register_loss
 from .cka import compute_dtype, no_autocast
 from .ifvd import class_one_hot, downsample_labels
 
@@ -309,17 +309,11 @@ class CIRKDLoss(DistillLoss):
         minibatch_pool: int = 1,
     ) -> None:
         super().__init__()
-        for name, value in (("minibatch_pixel_weight", minibatch_pixel_weight),
-                            ("memory_pixel_weight", memory_pixel_weight),
-                            ("memory_region_weight", memory_region_weight)):
-            if value < 0:
-                raise ValueError(f"{name} must be ≥ 0, got {value}")
+        check_non_negative(minibatch_pixel_weight=minibatch_pixel_weight, memory_pixel_weight=memory_pixel_weight,
+                           memory_region_weight=memory_region_weight)
         if minibatch_pixel_weight == memory_pixel_weight == memory_region_weight == 0:
             raise ValueError("all three weights are 0: the loss would do nothing")
-        for name, value in (("contrast_temperature", contrast_temperature),
-                            ("contrast_kd_temperature", contrast_kd_temperature)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+        check_positive(contrast_temperature=contrast_temperature, contrast_kd_temperature=contrast_kd_temperature)
         for name, count in (("pixel_memory_size", pixel_memory_size), ("region_memory_size", region_memory_size),
                             ("pixel_contrast_size", pixel_contrast_size),
                             ("region_contrast_size", region_contrast_size),

@@ -55,7 +55,7 @@ from .attention import (
     pam_context,
     query_channels,
 )
-from .base import DistillLoss, register_loss
+from .base import DistillLoss, check_non_negative, check_positive, register_loss
 from .cka import (
     cka_from_grams,
     compute_dtype,
@@ -96,13 +96,10 @@ class CSKDLoss(DistillLoss):
         cka_scope: CkaScope = "device",
     ) -> None:
         super().__init__()
-        if lambda_cam < 0 or lambda_pam < 0:
-            raise ValueError(f"lambda_cam and lambda_pam must be ≥ 0 (0 switches a branch off), got "
-                             f"{lambda_cam} and {lambda_pam}")
+        check_non_negative(lambda_cam=lambda_cam, lambda_pam=lambda_pam)  # 0 switches a branch off
         if lambda_cam == 0 and lambda_pam == 0:
             raise ValueError("lambda_cam and lambda_pam are both 0: nothing to compute; leave the 'cskd' loss out")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_positive(temperature=temperature)
         if pam_grid < 1:
             raise ValueError(f"pam_grid must be ≥ 1 (1 = whole-map PAM), got {pam_grid}")
         if similarity == "mse" and cka_scope == "global":

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.segmentor import SegOutput
-from .base import DistillLoss, register_loss
+from .base import DistillLoss, check_non_negative, check_positive, register_loss
 from .cka import compute_dtype, no_autocast
 
 
@@ -54,10 +54,8 @@ class CWDLoss(DistillLoss):
         on: Literal["logits", "features"] = "logits",
     ) -> None:
         super().__init__()
-        if weight < 0:
-            raise ValueError(f"weight must be ≥ 0, got {weight}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_non_negative(weight=weight)
+        check_positive(temperature=temperature)
         self.weight = float(weight)
         self.temperature = float(temperature)
         self.on = on

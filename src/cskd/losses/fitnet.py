@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..models.segmentor import SegOutput
-from .base import DistillLoss, register_loss
+from .base import DistillLoss, check_non_negative, register_loss
 from .cka import compute_dtype, no_autocast
 
 
@@ -35,8 +35,7 @@ class FitNetLoss(DistillLoss):
         weight: float = 10.0,
     ) -> None:
         super().__init__()
-        if weight < 0:
-            raise ValueError(f"weight must be ≥ 0, got {weight}")
+        check_non_negative(weight=weight)
         if student_channels < 1 or teacher_channels < 1:
             raise ValueError(f"channel counts must be ≥ 1, got student {student_channels}, teacher {teacher_channels}")
         self.weight = float(weight)

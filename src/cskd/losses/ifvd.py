@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.segmentor import SegOutput
-from .base import DistillLoss, register_loss
+from .base import DistillLoss, check_non_negative, register_loss
 from .cka import compute_dtype, no_autocast
 
 
@@ -92,8 +92,7 @@ class IFVDLoss(DistillLoss):
         weight: float = 20.0,
     ) -> None:
         super().__init__()
-        if weight < 0:
-            raise ValueError(f"weight must be ≥ 0, got {weight}")
+        check_non_negative(weight=weight)
         if num_classes < 1:
             raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
         self.weight = float(weight)

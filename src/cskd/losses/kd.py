@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..models.segmentor import SegOutput
-from .base import DistillLoss, register_loss
+from .base import DistillLoss, check_non_negative, check_positive, register_loss
 from .cka import compute_dtype, no_autocast
 
 
@@ -45,10 +45,8 @@ class KDLoss(DistillLoss):
         temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        if weight < 0:
-            raise ValueError(f"weight must be ≥ 0, got {weight}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_non_negative(weight=weight)
+        check_positive(temperature=temperature)
         self.weight = float(weight)
         self.temperature = float(temperature)
 

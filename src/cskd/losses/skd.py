@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.segmentor import SegOutput
-from .base import DistillLoss, register_loss
+from .base import DistillLoss, check_non_negative, register_loss
 from .cka import compute_dtype, no_autocast
 
 
@@ -59,8 +59,7 @@ class SKDLoss(DistillLoss):
         pool: int = 2,
     ) -> None:
         super().__init__()
-        if weight < 0:
-            raise ValueError(f"weight must be ≥ 0, got {weight}")
+        check_non_negative(weight=weight)
         if pool < 1:
             raise ValueError(f"pool must be ≥ 1 (1 = no pooling), got {pool}")
         self.weight = float(weight)

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..data.normalize import normalize
-from ..errors import ConfigError, CskdError, DataError
+from ..errors import ConfigError, DataError, ExportError
 from ..models import Segmentor
 from ..models.heads import PyramidPooling
 
@@ -57,10 +57,6 @@ DEFAULT_OPSET = 18
 MIN_OPSET = 17
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _LABEL_DTYPES = {"uint8": torch.uint8, "int64": torch.int64}
-
-
-class ExportError(CskdError, RuntimeError):
-    """An export failed, or the exported model does not reproduce the PyTorch model (verification)."""
 
 
 # --------------------------------------------------------------------------------------------------- the graph

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -31,13 +30,13 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..evaluation.inference import resolve_amp
+from ..timing import time_calls
 from ..models import Segmentor, build_segmentor, model_info
 from ..models.segmentor import canonical_model_name
 from .export import GraphOptions, InferenceWrapper, export_onnx, inference_copy, onnx_runner
 
 BACKENDS: tuple[str, ...] = ("eager", "compile", "onnxruntime")
 DEFAULT_MODELS: tuple[str, ...] = ("deeplabv3:resnet18", "deeplabv3:mobilenetv2", "pspnet:resnet18")
-MIN_TIMED = 3
 
 
 @dataclass(frozen=True)
@@ -108,42 +107,6 @@ def parse_backends(spec: str | Sequence[str]) -> list[str]:
     if not items:
         raise ConfigError("no backends given")
     return items
-
-
-def time_calls(
-    fn: Callable[[], Any], *, warmup: int, iters: int, cuda: bool, time_budget_s: float | None = None
-) -> tuple[list[float], float]:
-    """Milliseconds of each timed call of ``fn``, and seconds of the first warm-up call. Warm-up after the first
-    call stops early once it has used half of ``time_budget_s``."""
-    first = 0.0
-    warm_start = 0.0
-    for i in range(max(1, warmup)):
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        if i == 0:
-            first = time.perf_counter() - t0
-            warm_start = time.perf_counter()
-        elif time_budget_s is not None and time.perf_counter() - warm_start > time_budget_s / 2:
-            break
-    times: list[float] = []
-    start = time.perf_counter()
-    for _ in range(iters):
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-        if time_budget_s is not None and len(times) >= MIN_TIMED and time.perf_counter() - start > time_budget_s:
-            break
-    return times, first
 
 
 @contextmanager
