@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -27,22 +26,12 @@ from typing import Any
 
 import torch
 
-from cskd.timing import time_calls
 from cskd.evaluation import predict_logits, resolve_amp
 from cskd.models import build_segmentor
+from cskd.timing import cpu_name, time_calls
 
 MODELS = {"deeplabv3-resnet18": ("deeplabv3", "resnet18"), "deeplabv3-mobilenetv2": ("deeplabv3", "mobilenetv2")}
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:24s} {mode:6s} {med:9.2f} ms  {rows[-1]['images_per_s']:8.2f} img/s", file=sys.stderr)
 
     env = {
-        "device": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
+        "device": torch.cuda.get_device_name(device) if cuda else cpu_name(),
         "torch": torch.__version__, "amp": str(amp).replace("torch.", "") if amp else "fp32",
         "channels_last": channels_last, "threads": torch.get_num_threads(), "warmup": args.warmup,
         "iters": args.iters, "stride": list(stride) if stride else "2/3 of crop",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cskd.engine.config import config_from_dict
 from cskd.engine.distributed import DistEnv
 from cskd.engine.runner import StepRunner
-from cskd.timing import time_calls
+from cskd.timing import cpu_name, time_calls
 
 PUBLISHED_CSKD = [{"name": "cwd", "weight": 3.0, "temperature": 2.0},
                   {"name": "cskd", "lambda_cam": 0.3, "lambda_pam": 0.8, "temperature": 2.0}]
@@ -123,7 +122,7 @@ def main() -> None:
 
     ref = {r["method"]: r["median_s"] for r in rows}
     meta = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__, "batch": args.batch, "size": list(size), "dtype": args.dtype,
         "compile": args.compile, "compile_mode": args.compile_mode, "loss_compile_mode": args.loss_compile_mode,
         "channels_last": not args.no_channels_last, "teacher": list(args.teacher),

@@ -204,8 +204,9 @@ def environment() -> dict[str, str]:
     import torchvision
 
     from . import __version__
+    from .timing import cpu_name
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or "cpu")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
     return {"cskd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "device": device}
 

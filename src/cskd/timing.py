@@ -3,8 +3,10 @@ would time the launch), the host clock around each call on the CPU."""
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,4 +50,15 @@ def time_calls(
     return times, first
 
 
-__all__ = ["MIN_TIMED", "time_calls"]
+def cpu_name() -> str:
+    """The processor's model name (``platform.processor()`` is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+__all__ = ["MIN_TIMED", "cpu_name", "time_calls"]

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..evaluation.inference import resolve_amp
-from ..timing import time_calls
+from ..timing import cpu_name, time_calls
 from ..models import Segmentor, build_segmentor, model_info
 from ..models.segmentor import canonical_model_name
 from .export import GraphOptions, InferenceWrapper, export_onnx, inference_copy, onnx_runner
@@ -237,7 +237,7 @@ def environment(device: str | torch.device) -> dict[str, Any]:
     """What the numbers were measured on."""
     env: dict[str, Any] = {
         "torch": torch.__version__,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -252,16 +252,6 @@ def environment(device: str | torch.device) -> dict[str, Any]:
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
         env["cuda"] = torch.version.cuda
     return env
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _model_label(r: LatencyResult) -> str:
