@@ -283,6 +283,7 @@ def _panels(demo: DemoPlan, teacher: RunRecord, students: list[RunRecord], path:
 
     from .data import build_dataset, build_eval_transform
     from .data.normalize import normalize
+    from .engine.distributed import resolve_device
     from .evaluation import predict_logits
     from .models.loading import load_model
     from .outputs.maps import colorize, make_panel
@@ -291,7 +292,7 @@ def _panels(demo: DemoPlan, teacher: RunRecord, students: list[RunRecord], path:
     n = min(demo.preset.panels, len(val))
     if n == 0:
         return None
-    device = torch.device("cuda" if demo.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = resolve_device(demo.device)
     runs = [("teacher", teacher)] + [(r.group, r) for r in students]
     models = []
     for label, r in runs:

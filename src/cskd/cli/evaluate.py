@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..engine.distributed import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..evaluation.inference import MODES, resolve_amp
 from ..models.loading import LoadedModel, load_model
@@ -47,18 +48,6 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--workers", type=int, default=4, help="data loader processes")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return dev
 
 
 def inference_options(args: argparse.Namespace, config: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -32,16 +32,22 @@ class DistEnv:
 
 
 def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """"auto" → this process's GPU if there is one, else the CPU; "cuda" → GPU ``local_rank`` (torchrun's);
+    "cpu", "cuda:N" as given. A malformed name or a GPU that is not there is an error saying what to use."""
+    from ..errors import ConfigError
+
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
-    if preference.startswith("cuda"):
+    try:
+        device = torch.device(preference)
+    except RuntimeError:
+        raise ConfigError(f"device {preference!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
         if not torch.cuda.is_available():
-            from ..errors import ConfigError
-
             raise ConfigError(f"device {preference!r} requested but CUDA is not available; use --device cpu")
-        if preference == "cuda":
+        if device.index is None:
             return torch.device("cuda", local_rank)
-    return torch.device(preference)
+    return device
 
 
 def init_distributed(device_preference: str = "auto") -> DistEnv:
