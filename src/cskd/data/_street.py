@@ -131,6 +131,21 @@ class _Camera:
     def row(self, Y: float | np.ndarray, Z: float | np.ndarray) -> np.ndarray | float:
         return self.y_h + self.F * (self.cam_h - Y) / Z
 
+    def side_plane(
+        self, X: float, sg: int, z0: float, z1: float, box: tuple[int, int, int, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pixels of ``box`` (y0, y1, x0, x1) seen on the vertical street-parallel plane at lateral ``X`` (side
+        ``sg``): per column its depth Z (−1 where the ray misses that side), per pixel its height Y above the
+        ground, and the columns whose depth lies in [z0, z1]."""
+        y0, y1, x0, x1 = box
+        dx = np.arange(x0, x1, dtype=F32) + 0.5 - self.x_v
+        ok = sg * dx > 0.5
+        Z = np.where(ok, self.F * X / np.where(ok, dx, 1.0), -1.0).astype(F32)
+        ok &= (Z >= z0) & (Z <= z1)
+        yc = np.arange(y0, y1, dtype=F32)[:, None] + 0.5
+        Y = self.cam_h - (yc - self.y_h) * Z[None, :] / self.F
+        return Z, Y, ok
+
 
 class _Canvas:
     """Float RGB image, label ids and depth, painted back to front."""
@@ -444,13 +459,7 @@ class _Street:
                 b = cv.box(cam.row(height, z1) - 1, cam.row(0.0, z0) + 1, min(x_a, x_b), max(x_a, x_b))
                 if b is None:
                     continue
-                y0, y1, x0, x1 = b
-                dx = np.arange(x0, x1, dtype=F32) + 0.5 - cam.x_v
-                ok = sg * dx > 0.5
-                Z = np.where(ok, cam.F * Xw / np.where(ok, dx, 1.0), -1.0).astype(F32)
-                ok &= (Z >= z0) & (Z <= z1)
-                yc = np.arange(y0, y1, dtype=F32)[:, None] + 0.5
-                Y = cam.cam_h - (yc - cam.y_h) * Z[None, :] / cam.F
+                Z, Y, ok = cam.side_plane(Xw, sg, z0, z1, b)
                 mask = ok[None, :] & (Y >= 0.0) & (Y <= height)
                 if not mask.any():
                     continue
@@ -672,13 +681,7 @@ class _Street:
         xa, xb = cam.col(X, z0), cam.col(X, z1)
         b = cv.box(cam.row(h, z0) - 1, cam.row(0.0, z0) + 1, min(xa, xb), max(xa, xb))
         if b is not None:
-            y0, y1, x0, x1 = b
-            dx = np.arange(x0, x1, dtype=F32) + 0.5 - cam.x_v
-            ok = sg * dx > 0.5
-            Zc = np.where(ok, cam.F * X / np.where(ok, dx, 1.0), -1.0).astype(F32)
-            ok &= (Zc >= z0) & (Zc <= z1)
-            yc = np.arange(y0, y1, dtype=F32)[:, None] + 0.5
-            Y = cam.cam_h - (yc - cam.y_h) * Zc[None, :] / cam.F
+            Zc, Y, ok = cam.side_plane(X, sg, z0, z1, b)
             u = ((Zc - z0) / length)[None, :]  # 0 at the near end, 1 at the far end
             body = (Y >= 0.25) & (Y <= 0.55 * h + 0.2)
             cabin = (Y > 0.55 * h + 0.2) & (Y <= h) & (u > 0.22 + 0.1 * (Y - 0.55 * h) / h) & (u < 0.78)
