@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, TrainingError
+from ..evaluation.metrics import SegMetrics
 from ..models import load_weights, safe_load
 from .checkpointing import atomic_save, capture_rng, restore_rng
 from .config import ExperimentConfig, save_config
@@ -282,7 +283,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ evaluation
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self) -> SegMetrics:
         from ..evaluation import evaluate
 
         e = self.cfg.eval
