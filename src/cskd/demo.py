@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,8 @@ class Preset:
     val_every: int
     workers: int
     panels: int
+    compile: bool | None = None
+    """``train.compile`` for every run (None: the engine's default, on with CUDA)."""
 
 
 PRESETS: dict[str, Preset] = {
@@ -71,6 +76,9 @@ PRESETS: dict[str, Preset] = {
         students=(("deeplabv3", "resnet18"), ("deeplabv3", "mobilenetv2"), ("pspnet", "resnet18")),
         teacher_iterations=2000, student_iterations=600, batch_size=8, lr=0.02, val_every=300, workers=8,
         panels=4,
+        # Runs of a few hundred iterations spend longer compiling (~40 s per model and method on an H100) than
+        # compilation saves them at 256×512, where steps are bound by kernel launches: see docs/benchmarks.md.
+        compile=False,
     ),
     # For the test suite: seconds, not minutes; it checks that the whole pipeline runs, not what it learns.
     "tiny": Preset(
@@ -103,7 +111,8 @@ def _base(preset: Preset, data_root: Path, device: str) -> dict[str, Any]:
                  "synthetic": {"train": preset.n_train, "val": preset.n_val, "size": list(preset.image_size),
                                "seed": 0}},
         "train": {"batch_size": preset.batch_size, "lr": preset.lr, "val_every": preset.val_every,
-                  "log_every": max(1, min(20, preset.val_every)), "save_every": preset.val_every, "device": device},
+                  "log_every": max(1, min(20, preset.val_every)), "save_every": preset.val_every, "device": device,
+                  "compile": preset.compile},
         "eval": {"batch_size": 8},  # synthetic images all have one size: batch them
     }
 
@@ -118,6 +127,7 @@ def plan(
     teacher_iterations: int | None = None,
     student_iterations: int | None = None,
     students: tuple[Pair, ...] | None = None,
+    compile: bool | None = None,
 ) -> DemoPlan:
     p = PRESETS[preset] if isinstance(preset, str) else preset
     if students:
@@ -126,6 +136,8 @@ def plan(
         p = replace(p, teacher_iterations=teacher_iterations)
     if student_iterations:
         p = replace(p, student_iterations=student_iterations)
+    if compile is not None:
+        p = replace(p, compile=compile)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -158,8 +170,16 @@ def plan(
     return DemoPlan(p, out, data, tuple(methods), seeds, device, teacher, runs)
 
 
-def run(demo: DemoPlan, progress: bool = True, command: str = "cskd demo") -> Path:
-    """Train what is missing, then write ``<out>/report.md`` (and results.json, curves, panels)."""
+def run(demo: DemoPlan, progress: bool = True, command: str = "cskd demo", jobs: int = 1) -> Path:
+    """Train what is missing, then write ``<out>/report.md`` (and results.json, curves, panels).
+
+    ``jobs`` > 1 trains that many student runs side by side, each in its own process, once the teacher is done.
+    Short runs at the paper preset's size leave most of a large GPU idle (their steps are bound by kernel
+    launches), so this finishes a multi-seed table several times sooner; their training seconds then measure a
+    shared device and are not comparable to runs made alone (use ``cskd compare`` for costs).
+    """
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be ≥ 1, got {jobs}")
     start = time.time()
     demo.out.mkdir(parents=True, exist_ok=True)
     _say(f"cskd demo, preset '{demo.preset.name}': {demo.preset.description}")
@@ -168,19 +188,38 @@ def run(demo: DemoPlan, progress: bool = True, command: str = "cskd demo") -> Pa
     teacher = run_one(demo.teacher, "teacher", progress)
     if not teacher.ok:
         raise ConfigError(f"the teacher run failed ({teacher.error}); see {teacher.run_dir / 'failed.json'}")
-    records: dict[str, list[RunRecord]] = {}
-    total = sum(len(v) for v in demo.students.values())
-    done = 0
-    for student, cfgs in demo.students.items():
-        records[student] = []
-        for method, cfg in cfgs:
-            done += 1
-            _say(f"[2/3] student {done}/{total}: {student}, {method}, seed {cfg.train.seed} → {cfg.run_dir}")
-            records[student].append(run_one(cfg, method, progress))
+    todo = [(student, method, cfg) for student, cfgs in demo.students.items() for method, cfg in cfgs]
+    results: list[RunRecord] = []
+    if jobs == 1:
+        for i, (student, method, cfg) in enumerate(todo, 1):
+            _say(f"[2/3] student {i}/{len(todo)}: {student}, {method}, seed {cfg.train.seed} → {cfg.run_dir}")
+            results.append(run_one(cfg, method, progress))
+    else:
+        _say(f"[2/3] {len(todo)} student runs, {jobs} at a time (separate processes, no progress bars)")
+        # spawn, not fork: the parent may hold a CUDA context, which a forked child cannot use.
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_share_cpu_threads, initargs=(jobs,)) as pool:
+            futures = [pool.submit(run_one, cfg, method, False) for _, method, cfg in todo]
+            for i, ((student, method, cfg), future) in enumerate(zip(todo, futures), 1):
+                results.append(future.result())
+                _say(f"      finished {i}/{len(todo)}: {student}, {method}, seed {cfg.train.seed}")
+    records: dict[str, list[RunRecord]] = {student: [] for student in demo.students}
+    for (student, _, _), record in zip(todo, results):
+        records[student].append(record)
     _say("[3/3] report: predictions, curves, tables")
-    report = write_report(demo, teacher, records, command, time.time() - start)
+    report = write_report(demo, teacher, records, command, time.time() - start, jobs)
     _say(f"report: {report}")
     return report
+
+
+def _share_cpu_threads(jobs: int) -> None:
+    """Split the CPU's threads among the job processes: OpenMP threads of several processes that together
+    outnumber the cores spin against each other and run many times slower."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+
+
+def _compile_text(compile: bool | None) -> str:
+    return {True: "on", False: "off"}.get(compile, "on with CUDA, off on the CPU")  # type: ignore[arg-type]
 
 
 def _say(text: str) -> None:
@@ -191,7 +230,8 @@ def _say(text: str) -> None:
 
 
 def write_report(
-    demo: DemoPlan, teacher: RunRecord, records: dict[str, list[RunRecord]], command: str, seconds: float
+    demo: DemoPlan, teacher: RunRecord, records: dict[str, list[RunRecord]], command: str, seconds: float,
+    jobs: int = 1,
 ) -> Path:
     out = demo.out
     p = demo.preset
@@ -206,8 +246,11 @@ def write_report(
         "Environment: " + ", ".join(f"{k} {v}" for k, v in environment().items()) + "  ",
         f"Data: {p.n_train} train / {p.n_val} val synthetic images at {p.image_size[0]}×{p.image_size[1]} "
         f"(`{demo.data_root}`), crops {p.crop_size[0]}×{p.crop_size[1]}, batch {p.batch_size}, lr {p.lr} (poly), "
-        f"teacher {p.teacher_iterations} and students {p.student_iterations} iterations, {demo.seeds} seed(s).  ",
-        f"Wall time of this command: {seconds / 60:.1f} min (runs found finished were not retrained).",
+        f"teacher {p.teacher_iterations} and students {p.student_iterations} iterations, {demo.seeds} seed(s), "
+        f"torch.compile {_compile_text(p.compile)}.  ",
+        f"Wall time of this command: {seconds / 60:.1f} min (runs found finished were not retrained)"
+        + (f"; {jobs} student runs at a time shared the device, so their training seconds are not costs." if jobs > 1
+           else "."),
         "",
         "## Validation mIoU",
         "",

@@ -34,6 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="report and run folder (default runs/demo_<preset>)")
     p.add_argument("--data-root", default=None, help="where the synthetic data lives (default data/synthscapes_HxW)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile every run (default: the preset's choice; the paper preset's short runs do "
+                        "not compile)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="student runs trained side by side in separate processes (a large GPU runs several "
+                        "256×512 runs at once; their timings then are not costs)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -54,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
         preset, out=args.out or f"runs/demo_{preset}", data_root=args.data_root,
         methods=tuple(m for m in args.methods.split(",") if m), seeds=args.seeds, device=args.device,
         teacher_iterations=args.teacher_iterations, student_iterations=args.student_iterations,
-        students=students,  # type: ignore[arg-type]
+        students=students, compile=args.compile,  # type: ignore[arg-type]
     )
     command = "cskd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "cskd demo"
-    demo.run(plan, progress=not args.no_progress, command=command)
+    demo.run(plan, progress=not args.no_progress, command=command, jobs=args.jobs)
     return 0

@@ -195,12 +195,21 @@ class Trainer:
             prefetch_factor=4 if d.workers > 0 else None,
         )
 
+    def _val_loader(self) -> DataLoader:
+        if getattr(self, "_val", None) is None:
+            self._val = self._make_val_loader()
+        return self._val
+
     def _make_val_loader(self) -> DataLoader:
         e = self.cfg.eval
         n = len(self.val_set) if e.max_images is None else min(e.max_images, len(self.val_set))
         shard = Subset(self.val_set, list(range(self.env.rank, n, self.env.world_size)))
-        return DataLoader(shard, batch_size=e.batch_size, shuffle=False, num_workers=min(self.cfg.data.workers, 4),
-                          pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0))
+        workers = min(self.cfg.data.workers, 4)
+        # Built once and kept (persistent workers): a run validates every few hundred steps, and starting the
+        # workers anew each time costs more than a short validation itself.
+        return DataLoader(shard, batch_size=e.batch_size, shuffle=False, num_workers=workers,
+                          pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0),
+                          persistent_workers=workers > 0)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
@@ -290,7 +299,7 @@ class Trainer:
         start = time.perf_counter()
         self.runner.sync_buffers()
         metrics = evaluate(
-            self.student, self._make_val_loader(), num_classes=self.num_classes, device=self.device,
+            self.student, self._val_loader(), num_classes=self.num_classes, device=self.device,
             mode=e.mode, crop_size=e.crop_size, stride=e.stride, scales=e.scales, flip=e.flip,
             amp_dtype=self.amp_dtype, progress=False,
         )
@@ -387,6 +396,7 @@ class Trainer:
                 window_start = time.perf_counter()
         finally:
             rec.close()
+            self._val = None  # stops the validation workers now, not whenever the Trainer is collected
 
         metrics = getattr(self, "last_metrics", None)
         result = TrainResult(

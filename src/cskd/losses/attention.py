@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cka import compute_dtype, no_autocast
+from .cka import no_autocast
+from .wide_matmul import exact_bmm
 
 # ----------------------------------------------------------------------------------------------- channel attention
 
@@ -37,20 +38,24 @@ def cam_context(x: Tensor, temperature: float) -> Tensor:
     """S·X̃ for ``x`` B×C×N: A = X̃X̃ᵀ, S = softmax((rowmax(A) − A)/τ) over the last dim; returns B×C×N.
 
     softmax is shift-invariant, so softmax((rowmax(A) − A)/τ) = softmax(−A/τ), and softmax subtracts its own row
-    maximum for stability: the explicit rowmax is left out. Computed in float32 with autocast off: A's entries are
-    sums over all N positions (thousands), where bf16's resolution is coarser than the temperature.
+    maximum for stability: the explicit rowmax is left out. A's entries are sums over all N positions (thousands),
+    where bf16's resolution is coarser than the temperature, so A and the softmax are float32 with autocast off;
+    bf16 features are multiplied on tensor cores with a float32 result (:func:`.wide_matmul.exact_bmm`), which is
+    exact for the products. S·X̃ is then formed as every fused attention kernel (and PAM here) forms its output:
+    weights rounded to the features' dtype, float32 accumulation, result in the features' dtype. float32 and
+    float64 features stay in their dtype throughout.
     """
     with no_autocast(x):
-        x = x.to(compute_dtype(x))
-        energy = x @ x.mT
+        energy = exact_bmm(x, x.mT)
         attention = torch.softmax(energy * (-1.0 / temperature), dim=-1)
-        return attention @ x
+        return attention.to(x.dtype) @ x
 
 
 def channel_attention(x: Tensor, gamma: Tensor, temperature: float) -> Tensor:
-    """CAM(x) = γ · (S X̃ reshaped to C×H×W) + x for ``x`` B×C×H×W (float32 or wider)."""
+    """CAM(x) = γ · (S X̃ reshaped to C×H×W) + x for ``x`` B×C×H×W, in float32 or wider."""
     context = cam_context(x.flatten(2), temperature).view(x.shape)
-    return gamma * context + x.to(context.dtype)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return gamma * context.to(dtype) + x.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------- position attention

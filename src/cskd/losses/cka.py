@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .wide_matmul import LOW_PRECISION, exact_bmm
+
 #: The published code's guard: loss = −log(|CKA| + LOG_EPS).
 LOG_EPS = 1e-8
 #: A side whose centred Gram is this small relative to its Gram is treated as having no spread (see module doc).
@@ -132,25 +134,50 @@ def cka_loss(x: Tensor, y: Tensor, eps: float = LOG_EPS) -> Tensor:
 def residual_gram(m: Tensor, x: Tensor, gamma: Tensor, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Gram matrix ``(..., B, B)`` of the rows of γ·m + x (``m``, ``x``: ``(..., B, D)``), float32 or wider.
 
-    CAM and PAM outputs have this form. When neither ``m`` nor ``x`` needs a gradient (the teacher side), the
-    Gram is assembled as γ²·MMᵀ + γ·(MXᵀ + XMᵀ) + XXᵀ from three constant B×B products: γ keeps its gradient and
-    nothing of size D is kept for backward. ``gather`` (e.g. :func:`gather_samples`) collects the samples of all
-    ranks first.
+    CAM and PAM outputs have this form. The Gram is assembled as γ²·MMᵀ + γ·(MXᵀ + XMᵀ) + XXᵀ from one product
+    over the stacked rows [M; X] when that product is cheaper than forming γ·m + x:
+
+    - ``m`` and ``x`` both bf16 (or both fp16), as under autocast: the stacked rows stay in that dtype and are
+      multiplied on tensor cores with a float32 result (:func:`.wide_matmul.wide_bmm`, exact products); the
+      gradient reaches ``m``, ``x`` and γ through the B×B combination.
+    - neither needs a gradient (the teacher side): γ keeps its gradient and nothing of size D is kept for
+      backward.
+
+    Otherwise y = γ·m + x is formed in float32 (float64 stays float64) and multiplied. ``gather`` (e.g.
+    :func:`gather_samples`) collects the samples of all ranks first.
     """
     gather = gather or _identity
     with no_autocast(x):
         dtype = compute_dtype(m, x)
         gamma = gamma.to(dtype)
-        if torch.is_grad_enabled() and (m.requires_grad or x.requires_grad):
+        low_precision = m.dtype == x.dtype and m.dtype in LOW_PRECISION
+        needs_grad = torch.is_grad_enabled() and (m.requires_grad or x.requires_grad)
+        if needs_grad and not low_precision:
             y = gather(torch.addcmul(x.to(dtype), m.to(dtype), gamma))
             return row_products(y, y)
-        with torch.no_grad():
-            # One product over the stacked rows [M; X] gives MMᵀ, MXᵀ and XXᵀ as blocks: one pass over the data.
-            mx_rows = torch.cat([gather(m), gather(x)], dim=-2).to(dtype)
-            both = row_products(mx_rows, mx_rows)
-            b = both.shape[-1] // 2
-            mm, mx, xx = both[..., :b, :b], both[..., :b, b:], both[..., b:, b:]
+        with torch.set_grad_enabled(needs_grad):
+            both = stacked_gram(gather(m), gather(x)).to(dtype)
+        b = both.shape[-1] // 2
+        mm, mx, xx = both[..., :b, :b], both[..., :b, b:], both[..., b:, b:]
         return gamma * gamma * mm + gamma * (mx + mx.mT) + xx
+
+
+def stacked_gram(m: Tensor, x: Tensor) -> Tensor:
+    """Gram matrix ``(..., 2B, 2B)`` of the stacked rows [M; X] (``m``, ``x``: ``(..., B, D)``), float32 or wider.
+
+    The rows are copied once, straight into the sliced layout of :func:`row_products` (``(..., p, 2B, D/p)``,
+    contiguous), so that every leading dimension merges into one batch of p·… small products: for low-precision
+    rows one tensor-core :func:`.wide_matmul.wide_bmm` call.
+    """
+    d = m.shape[-1]
+    p = _slices(d)
+    rows = torch.cat([m.unflatten(-1, (p, d // p)).transpose(-3, -2),
+                      x.unflatten(-1, (p, d // p)).transpose(-3, -2)], dim=-2)  # (..., p, 2B, d/p)
+    flat = rows.flatten(0, -3)
+    if rows.dtype not in LOW_PRECISION:
+        flat = flat.to(compute_dtype(flat))
+    products = exact_bmm(flat, flat.mT)
+    return products.view(*rows.shape[:-1], rows.shape[-2]).sum(-3)
 
 
 def distributed_world() -> int:
@@ -202,5 +229,5 @@ def _check_pair(x: Tensor, y: Tensor) -> None:
 __all__ = [
     "DEGENERATE_RTOL", "LOG_EPS", "centre_gram", "cka_from_grams", "cka_loss", "compute_dtype", "distributed_world",
     "gather_samples", "gram", "hsic", "linear_cka", "neg_log_cka", "no_autocast", "residual_gram",
-    "row_products",
+    "row_products", "stacked_gram",
 ]

@@ -185,7 +185,9 @@ class CSKDLoss(DistillLoss):
         learned = self.pam_projection == "learned"
         gather = gather_samples if self.cka_scope == "global" else None
         gamma = self.gamma_pam
-        total = fs.new_zeros((), dtype=compute_dtype(fs))
+        per_block: list[Tensor] = []  # MSE: one value per block; CKA: the Gram matrices, scored all at once
+        grams_s: list[Tensor] = []
+        grams_t: list[Tensor] = []
         tokens_s = grid_tokens(fs, groups)
         with torch.no_grad():
             tokens_t = grid_tokens(ft, groups)
@@ -195,12 +197,14 @@ class CSKDLoss(DistillLoss):
             with torch.set_grad_enabled(learned and torch.is_grad_enabled()):
                 mt = pam_context(xt, pt, self.temperature)
             if self.similarity == "mse":
-                total = total + _mse(ms, xs, mt, xt, gamma).mean((1, 2, 3)).sum()
+                per_block.append(_mse(ms, xs, mt, xt, gamma).mean((1, 2, 3)))
             else:
-                ks = residual_gram(ms.flatten(2), xs.flatten(2), gamma, gather)
-                kt = residual_gram(mt.flatten(2), xt.flatten(2), gamma, gather)
-                total = total + neg_log_cka(cka_from_grams(ks, kt)).sum()
-        return total / sum(g.count for g in groups)
+                grams_s.append(residual_gram(ms.flatten(2), xs.flatten(2), gamma, gather))
+                grams_t.append(residual_gram(mt.flatten(2), xt.flatten(2), gamma, gather))
+        if self.similarity != "mse":
+            # The B×B Grams of all 25 blocks share one shape whatever the block sizes: one CKA call scores them.
+            per_block = [neg_log_cka(cka_from_grams(torch.cat(grams_s), torch.cat(grams_t)))]
+        return torch.cat(per_block).mean()
 
     # ------------------------------------------------------------------------------------------------- helpers
 
