@@ -55,3 +55,14 @@ def test_demo_jobs_trains_student_runs_in_parallel_processes_with_the_same_resul
             log = tmp_path / out / "DeepLabV3-MobileNetV2" / "baseline" / f"seed{seed}" / "log.jsonl"
             first.append(next(r["loss"] for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "train"))
         assert abs(first[0] - first[1]) <= 1e-4 * abs(first[1]), (seed, first)
+
+
+def test_paper_preset_does_not_compile_unless_asked(tmp_path: Path) -> None:
+    from cskd import demo
+
+    plan = demo.plan("paper", out=tmp_path, device="cuda")
+    runs = [plan.teacher, *(cfg for cfgs in plan.students.values() for _, cfg in cfgs)]
+    assert all(cfg.train.compile is False for cfg in runs)
+    plan = demo.plan("paper", out=tmp_path, device="cuda", compile=True)
+    assert plan.teacher.train.compile is True
+    assert demo.plan("small", out=tmp_path, device="cpu").teacher.train.compile is None  # the engine decides
