@@ -10,7 +10,7 @@ from cskd.losses.attention import cam_context
 from cskd.losses.cka import residual_gram
 from cskd.losses.wide_matmul import exact_bmm, wide_bmm
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
 
 
 def _operands(dtype, device, seed=0, g=3, m=5, k=700, n=6):
