@@ -175,6 +175,7 @@ class Trainer:
         self.dataset_info = train_ds.info
         self.num_classes = train_ds.num_classes
         self.val_set = build_dataset(d.dataset, d.root, d.val_split, build_eval_transform(), skip_bad=d.skip_bad)
+        self._val: DataLoader | None = None  # built at the first validation (see _val_loader)
         if not self.val_set.has_labels:
             raise ConfigError(f"data.val_split={d.val_split!r} of {d.dataset} has no labels to validate against")
 
@@ -196,7 +197,7 @@ class Trainer:
         )
 
     def _val_loader(self) -> DataLoader:
-        if getattr(self, "_val", None) is None:
+        if self._val is None:
             self._val = self._make_val_loader()
         return self._val
 

@@ -174,8 +174,6 @@ def stacked_gram(m: Tensor, x: Tensor) -> Tensor:
     rows = torch.cat([m.unflatten(-1, (p, d // p)).transpose(-3, -2),
                       x.unflatten(-1, (p, d // p)).transpose(-3, -2)], dim=-2)  # (..., p, 2B, d/p)
     flat = rows.flatten(0, -3)
-    if rows.dtype not in LOW_PRECISION:
-        flat = flat.to(compute_dtype(flat))
     products = exact_bmm(flat, flat.mT)
     return products.view(*rows.shape[:-1], rows.shape[-2]).sum(-3)
 

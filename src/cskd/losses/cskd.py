@@ -185,7 +185,7 @@ class CSKDLoss(DistillLoss):
         learned = self.pam_projection == "learned"
         gather = gather_samples if self.cka_scope == "global" else None
         gamma = self.gamma_pam
-        per_block: list[Tensor] = []  # MSE: one value per block; CKA: the Gram matrices, scored all at once
+        mse_per_block: list[Tensor] = []
         grams_s: list[Tensor] = []
         grams_t: list[Tensor] = []
         tokens_s = grid_tokens(fs, groups)
@@ -197,14 +197,14 @@ class CSKDLoss(DistillLoss):
             with torch.set_grad_enabled(learned and torch.is_grad_enabled()):
                 mt = pam_context(xt, pt, self.temperature)
             if self.similarity == "mse":
-                per_block.append(_mse(ms, xs, mt, xt, gamma).mean((1, 2, 3)))
+                mse_per_block.append(_mse(ms, xs, mt, xt, gamma).mean((1, 2, 3)))
             else:
                 grams_s.append(residual_gram(ms.flatten(2), xs.flatten(2), gamma, gather))
                 grams_t.append(residual_gram(mt.flatten(2), xt.flatten(2), gamma, gather))
-        if self.similarity != "mse":
-            # The B×B Grams of all 25 blocks share one shape whatever the block sizes: one CKA call scores them.
-            per_block = [neg_log_cka(cka_from_grams(torch.cat(grams_s), torch.cat(grams_t)))]
-        return torch.cat(per_block).mean()
+        if self.similarity == "mse":
+            return torch.cat(mse_per_block).mean()
+        # The B×B Grams of all 25 blocks share one shape whatever the block sizes: one CKA call scores them.
+        return neg_log_cka(cka_from_grams(torch.cat(grams_s), torch.cat(grams_t))).mean()
 
     # ------------------------------------------------------------------------------------------------- helpers
 
