@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cka import no_autocast
+from .cka import compute_dtype, no_autocast
 from .wide_matmul import exact_bmm
 
 # ----------------------------------------------------------------------------------------------- channel attention
@@ -54,7 +54,7 @@ def cam_context(x: Tensor, temperature: float) -> Tensor:
 def channel_attention(x: Tensor, gamma: Tensor, temperature: float) -> Tensor:
     """CAM(x) = γ · (S X̃ reshaped to C×H×W) + x for ``x`` B×C×H×W, in float32 or wider."""
     context = cam_context(x.flatten(2), temperature).view(x.shape)
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = compute_dtype(x)
     return gamma * context.to(dtype) + x.to(dtype)
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .wide_matmul import LOW_PRECISION, exact_bmm
+from .wide_matmul import LOW_PRECISION, compute_dtype, exact_bmm
 
 #: The published code's guard: loss = −log(|CKA| + LOG_EPS).
 LOG_EPS = 1e-8
@@ -40,14 +40,6 @@ DEGENERATE_RTOL = 1e-6
 def no_autocast(t: Tensor) -> AbstractContextManager:
     """Switch autocast off for ``t``'s device type: used around the float32 parts (Grams, HSIC, CAM energies)."""
     return torch.autocast(device_type=t.device.type, enabled=False)
-
-
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float32, or float64 if any input is float64 (tests and gradcheck run in float64)."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 #: Target length of the slices long rows are cut into (see :func:`row_products`).

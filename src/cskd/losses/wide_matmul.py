@@ -26,6 +26,14 @@ from torch import Tensor
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 if any input is float64 (tests and gradcheck run in float64)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _has_out_dtype(device: torch.device) -> bool:
     """True when ``torch.bmm`` takes ``out_dtype`` on ``device`` (CUDA kernels of torch ≥ 2.8)."""
     return device.type == "cuda" and hasattr(torch.ops.aten.bmm, "dtype")
@@ -65,8 +73,8 @@ def exact_bmm(a: Tensor, b: Tensor) -> Tensor:
     both fp16), else as an ordinary product in the promoted float dtype (float64 stays float64)."""
     if a.dtype == b.dtype and a.dtype in LOW_PRECISION:
         return wide_bmm(a, b)
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    dtype = compute_dtype(a, b)
     return torch.bmm(a.to(dtype), b.to(dtype))
 
 
-__all__ = ["LOW_PRECISION", "exact_bmm", "wide_bmm"]
+__all__ = ["LOW_PRECISION", "compute_dtype", "exact_bmm", "wide_bmm"]
