@@ -46,6 +46,13 @@ def test_demo_jobs_trains_student_runs_in_parallel_processes_with_the_same_resul
     report = (tmp_path / "par" / "report.md").read_text()
     assert "2 student runs at a time shared the device" in report
     assert re.search(r"\| DeepLabV3-MobileNetV2 \| baseline \| \d+\.\d\d ± \d+\.\d\d \|", report)  # two seeds
+    # Side by side, cuDNN autotuning is off (its timings would contend); a later sequential command takes those
+    # runs as its own rather than calling them a different configuration.
+    saved = (tmp_path / "par" / "DeepLabV3-MobileNetV2" / "baseline" / "seed0" / "config.yaml").read_text()
+    assert "cudnn_benchmark: false" in saved
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "par").rglob("last.pt")}
+    assert main([*common, "--out", str(tmp_path / "par")]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "par").rglob("last.pt")} == before
     assert main([*common, "--out", str(tmp_path / "seq")]) == 0
     # The same runs (seed, data order, initialisation): equal first losses. Not bit-equal beyond: each job process
     # gets half the CPU threads, which changes the order of float sums in the convolutions.

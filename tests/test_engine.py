@@ -165,6 +165,35 @@ def test_nonfinite_loss_stops_with_iteration_and_terms_and_keeps_the_checkpoint(
     assert safe_load(tmp_path / "nan" / "last.pt")["iteration"] == 2  # the good one, untouched
 
 
+def test_step_tally_means_and_first_nonfinite_step() -> None:
+    from cskd.engine.trainer import StepTally
+
+    tally = StepTally(torch.device("cpu"))
+    steps = [(1.0, {"ce": 0.5, "kd": 0.5}), (3.0, {"ce": 1.5, "kd": 1.5}), (float("nan"), {"ce": 2.0, "kd": float("nan")}),
+             (float("inf"), {"ce": 7.0, "kd": float("inf")})]
+    for it, (loss, terms) in enumerate(steps[:2], 1):
+        tally.add(it, torch.tensor(loss), {k: torch.tensor(v) for k, v in terms.items()})
+    assert tally.first_nonfinite() is None
+    assert tally.count == 2
+    assert tally.read_means() == {"loss": 2.0, "ce": 1.0, "kd": 1.0}
+    assert tally.count == 0
+    for it, (loss, terms) in enumerate(steps[2:], 3):
+        tally.add(it, torch.tensor(loss), {k: torch.tensor(v) for k, v in terms.items()})
+    it, terms = tally.first_nonfinite()  # the first bad step and its own terms, not the later one's
+    assert it == 3 and terms["ce"] == 2.0 and terms["kd"] != terms["kd"]
+
+
+def test_calibration_times_the_loops_per_step_work_too(synth_root: Path, tmp_path: Path) -> None:
+    cfg = config_from_dict(tiny_config(synth_root, tmp_path / "cal", None, budget={"iterations": 2}))
+    runner = Trainer(cfg, progress=False).runner
+    calls: list[float] = []
+    bare = runner.calibrate(TINY, warmup=1, steps=3)
+    with_work = runner.calibrate(TINY, warmup=1, steps=3, after_step=lambda loss, terms: (calls.append(loss.item()),
+                                                                                           time.sleep(0.05)))
+    assert len(calls) == 4  # warm-up and timed steps
+    assert with_work >= bare * 0.5 + 0.05 * 0.9  # the timed part includes the per-step work
+
+
 def test_cka_losses_refuse_small_batches(synth_root: Path, tmp_path: Path) -> None:
     cfg = config_from_dict(tiny_config(synth_root, tmp_path / "b2", [{"name": "cskd"}], batch_size=2))
     with pytest.raises(ConfigError, match="needs at least 3 images per device"):

@@ -199,7 +199,7 @@ def run(demo: DemoPlan, progress: bool = True, command: str = "cskd demo", jobs:
         # spawn, not fork: the parent may hold a CUDA context, which a forked child cannot use.
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_share_cpu_threads, initargs=(jobs,)) as pool:
-            futures = [pool.submit(run_one, cfg, method, False) for _, method, cfg in todo]
+            futures = [pool.submit(run_one, _without_autotuning(cfg), method, False) for _, method, cfg in todo]
             for i, ((student, method, cfg), future) in enumerate(zip(todo, futures), 1):
                 results.append(future.result())
                 _say(f"      finished {i}/{len(todo)}: {student}, {method}, seed {cfg.train.seed}")
@@ -210,6 +210,14 @@ def run(demo: DemoPlan, progress: bool = True, command: str = "cskd demo", jobs:
     report = write_report(demo, teacher, records, command, time.time() - start, jobs)
     _say(f"report: {report}")
     return report
+
+
+def _without_autotuning(cfg: ExperimentConfig) -> ExperimentConfig:
+    """cuDNN autotuning times every algorithm of every new convolution shape on the device. With several runs
+    starting side by side those timings contend with each other: first steps of 5-20 s took 70-110 s with 6 jobs
+    on an H100 (docs/benchmarks.md), and the timings that pick the algorithms are no longer clean. cuDNN's
+    heuristics choose instead; what a run learns does not depend on it."""
+    return replace(cfg, train=replace(cfg.train, cudnn_benchmark=False))
 
 
 def _share_cpu_threads(jobs: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -232,22 +233,31 @@ class StepRunner:
             "mask": torch.randint(0, self.num_classes, (n, h, w), generator=g, dtype=torch.uint8),
         }
 
-    def calibrate(self, size: tuple[int, int], warmup: int, steps: int) -> float:
-        """Seconds per step of this method, timed on random batches; every state (weights, BN statistics,
-        optimiser, schedule, RNG) is restored afterwards, so the real run starts exactly where an
-        iteration-budget run would. The slowest process sets the pace of a data-parallel run."""
+    def calibrate(
+        self, size: tuple[int, int], warmup: int, steps: int,
+        after_step: Callable[[Tensor, dict[str, Tensor]], None] | None = None,
+    ) -> float:
+        """Seconds per step of this method (plus ``after_step``, the loop's own per-step work), timed on a random
+        batch; every state (weights, BN statistics, optimiser, schedule, RNG) is restored afterwards, so the real
+        run starts exactly where an iteration-budget run would. The slowest process sets the pace of a
+        data-parallel run."""
         saved_model = copy.deepcopy(self.step_module.state_dict())
         saved_opt = copy.deepcopy(self.optimizer.state_dict())
         saved_sched = copy.deepcopy(self.scheduler.state_dict())
         rng = capture_rng()
         batch = self.random_batch(size)
+        if self.device.type == "cuda":
+            # As the loader's batches are: a copy from pageable memory would wait for the device at every step.
+            batch = {k: v.pin_memory() for k, v in batch.items()}
         self.step_module.train()
-        for _ in range(warmup):
-            self.step(*self.prepare(batch))
-        self.sync()
         start = time.perf_counter()
-        for _ in range(steps):
-            self.step(*self.prepare(batch))
+        for i in range(warmup + steps):
+            if i == warmup:
+                self.sync()
+                start = time.perf_counter()
+            loss, terms = self.step(*self.prepare(batch))
+            if after_step is not None:
+                after_step(loss, terms)
         self.sync()
         seconds = (time.perf_counter() - start) / steps
         seconds = max(all_gather_objects(seconds))

@@ -37,6 +37,44 @@ from .runner import StepRunner
 from .sampling import SeededBatchSampler, SeededSamples
 
 
+class StepTally:
+    """The loss and its terms summed over the steps since the last read, and the first non-finite step with its
+    terms, all kept on the device: reading them costs a host synchronisation, done once per logging interval.
+    Each step adds a handful of kernels whatever the number of terms (one stacked vector)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.names: list[str] = []
+        self.count = 0
+        self._sums: Tensor | None = None
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self._bad_values: Tensor | None = None
+
+    def add(self, iteration: int, loss: Tensor, terms: dict[str, Tensor]) -> None:
+        if not self.names:
+            self.names = ["loss", *terms]
+        values = torch.stack([loss.float(), *terms.values()])
+        newly_bad = torch.isfinite(values[0]).logical_not_() & (self._first_bad < 0)
+        self._first_bad = torch.where(newly_bad, iteration, self._first_bad)
+        self._bad_values = values if self._bad_values is None else torch.where(newly_bad, values, self._bad_values)
+        self._sums = values if self._sums is None else self._sums + values
+        self.count += 1
+
+    def first_nonfinite(self) -> tuple[int, dict[str, float]] | None:
+        """(iteration, its loss terms) of the first step whose loss was not finite, if any."""
+        it = int(self._first_bad.item())
+        if it < 0 or self._bad_values is None:
+            return None
+        return it, {k: v for k, v in zip(self.names[1:], self._bad_values[1:].tolist())}
+
+    def read_means(self) -> dict[str, float]:
+        """Means since the last read (then starts a new interval)."""
+        if self._sums is None:
+            return {}
+        means = {k: v / self.count for k, v in zip(self.names, self._sums.tolist())}
+        self._sums, self.count = None, 0
+        return means
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -123,7 +161,11 @@ class Trainer:
         if self.total_iterations is None:
             b = t.budget
             assert b.gpu_seconds is not None
-            self.step_seconds = self.runner.calibrate(cfg.data.crop_size, b.warmup_steps, b.calibration_steps)
+            # The calibration keeps the loop's per-step bookkeeping: at launch-bound step sizes its few kernels
+            # are a measurable share of the step, and the budget is spent on the loop, not on bare steps.
+            tally = StepTally(self.device)
+            self.step_seconds = self.runner.calibrate(cfg.data.crop_size, b.warmup_steps, b.calibration_steps,
+                                                      after_step=lambda loss, terms: tally.add(1, loss, terms))
             self.total_iterations = max(1, int(b.gpu_seconds / self.step_seconds))
             self.runner.set_schedule(self.total_iterations)
         self.planned_seconds = (
@@ -335,10 +377,7 @@ class Trainer:
         loader = self._make_train_loader(self.iteration)
         data = iter(_infinite(loader))
         self.step_module.train()
-        sums: dict[str, Tensor] = {}
-        count = 0
-        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        bad_terms: dict[str, Tensor] = {}
+        tally = StepTally(self.device)
         window_start = time.perf_counter()
         first_step = True
         try:
@@ -355,14 +394,7 @@ class Trainer:
                     self.warmup_steps += 1
                     window_start = time.perf_counter()
                     first_step = False
-                finite = torch.isfinite(loss)
-                newly_bad = (~finite) & (first_bad < 0)
-                first_bad = torch.where(newly_bad, torch.full_like(first_bad, it), first_bad)
-                for k, v in terms.items():
-                    sums[k] = sums[k] + v if k in sums else v.clone()
-                    bad_terms[k] = torch.where(newly_bad, v, bad_terms.get(k, torch.zeros_like(v)))
-                sums["loss"] = sums["loss"] + loss if "loss" in sums else loss.clone()
-                count += 1
+                tally.add(it, loss, terms)
 
                 at_log = it % t.log_every == 0 or it == total
                 at_save = it % t.save_every == 0 or it == total
@@ -372,15 +404,15 @@ class Trainer:
                 # ---- a synchronisation point: read the accumulated values once
                 self.runner.sync()
                 self.train_seconds += time.perf_counter() - window_start
-                bad_it = int(first_bad.item())
-                if bad_it >= 0:
-                    self._fail_nonfinite(bad_it, bad_terms, rec)
-                means = {k: float(v.item()) / count for k, v in sums.items()}
+                bad = tally.first_nonfinite()
+                if bad is not None:
+                    self._fail_nonfinite(*bad, rec)
+                count = tally.count
+                means = tally.read_means()
                 means["lr"] = self.runner.optimizer.param_groups[0]["lr"]
                 means["train_seconds"] = self.train_seconds
                 rec.write("train", it, means)
                 rec.advance(count, {k: means[k] for k in ("loss", "lr") if k in means})
-                sums, count = {}, 0
                 if at_val:
                     metrics = self.evaluate()
                     miou = metrics.miou
@@ -429,8 +461,7 @@ class Trainer:
                   f"{best}; checkpoints in {self.run_dir}", flush=True)
         return result
 
-    def _fail_nonfinite(self, iteration: int, terms: dict[str, Tensor], rec: RunRecorder) -> None:
-        values = {k: float(v.item()) for k, v in terms.items()}
+    def _fail_nonfinite(self, iteration: int, values: dict[str, float], rec: RunRecorder) -> None:
         last = self.run_dir / "last.pt"
         keep = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint had been written yet"
         rec.write("error", iteration, {"nonfinite_terms": values})
