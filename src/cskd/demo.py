@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -170,16 +167,9 @@ def plan(
     return DemoPlan(p, out, data, tuple(methods), seeds, device, teacher, runs)
 
 
-def run(demo: DemoPlan, progress: bool = True, command: str = "cskd demo", jobs: int = 1) -> Path:
-    """Train what is missing, then write ``<out>/report.md`` (and results.json, curves, panels).
-
-    ``jobs`` > 1 trains that many student runs side by side, each in its own process, once the teacher is done.
-    Short runs at the paper preset's size leave most of a large GPU idle (their steps are bound by kernel
-    launches), so this finishes a multi-seed table several times sooner; their training seconds then measure a
-    shared device and are not comparable to runs made alone (use ``cskd compare`` for costs).
-    """
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be ≥ 1, got {jobs}")
+def run(demo: DemoPlan, progress: bool = True, command: str = "cskd demo") -> Path:
+    """Train what is missing, one run at a time, then write ``<out>/report.md`` (and results.json, curves,
+    panels). Runs go one after another: side by side on one GPU they were no faster (docs/benchmarks.md)."""
     start = time.time()
     demo.out.mkdir(parents=True, exist_ok=True)
     _say(f"cskd demo, preset '{demo.preset.name}': {demo.preset.description}")
@@ -189,41 +179,14 @@ def run(demo: DemoPlan, progress: bool = True, command: str = "cskd demo", jobs:
     if not teacher.ok:
         raise ConfigError(f"the teacher run failed ({teacher.error}); see {teacher.run_dir / 'failed.json'}")
     todo = [(student, method, cfg) for student, cfgs in demo.students.items() for method, cfg in cfgs]
-    results: list[RunRecord] = []
-    if jobs == 1:
-        for i, (student, method, cfg) in enumerate(todo, 1):
-            _say(f"[2/3] student {i}/{len(todo)}: {student}, {method}, seed {cfg.train.seed} → {cfg.run_dir}")
-            results.append(run_one(cfg, method, progress))
-    else:
-        _say(f"[2/3] {len(todo)} student runs, {jobs} at a time (separate processes, no progress bars)")
-        # spawn, not fork: the parent may hold a CUDA context, which a forked child cannot use.
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_share_cpu_threads, initargs=(jobs,)) as pool:
-            futures = [pool.submit(run_one, _without_autotuning(cfg), method, False) for _, method, cfg in todo]
-            for i, ((student, method, cfg), future) in enumerate(zip(todo, futures), 1):
-                results.append(future.result())
-                _say(f"      finished {i}/{len(todo)}: {student}, {method}, seed {cfg.train.seed}")
     records: dict[str, list[RunRecord]] = {student: [] for student in demo.students}
-    for (student, _, _), record in zip(todo, results):
-        records[student].append(record)
+    for i, (student, method, cfg) in enumerate(todo, 1):
+        _say(f"[2/3] student {i}/{len(todo)}: {student}, {method}, seed {cfg.train.seed} → {cfg.run_dir}")
+        records[student].append(run_one(cfg, method, progress))
     _say("[3/3] report: predictions, curves, tables")
-    report = write_report(demo, teacher, records, command, time.time() - start, jobs)
+    report = write_report(demo, teacher, records, command, time.time() - start)
     _say(f"report: {report}")
     return report
-
-
-def _without_autotuning(cfg: ExperimentConfig) -> ExperimentConfig:
-    """cuDNN autotuning times every algorithm of every new convolution shape on the device. With several runs
-    starting side by side those timings contend with each other: first steps of 5-20 s took 70-110 s with 6 jobs
-    on an H100 (docs/benchmarks.md), and the timings that pick the algorithms are no longer clean. cuDNN's
-    heuristics choose instead; what a run learns does not depend on it."""
-    return replace(cfg, train=replace(cfg.train, cudnn_benchmark=False))
-
-
-def _share_cpu_threads(jobs: int) -> None:
-    """Split the CPU's threads among the job processes: OpenMP threads of several processes that together
-    outnumber the cores spin against each other and run many times slower."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
 
 
 def _compile_text(compile: bool | None) -> str:
@@ -239,7 +202,6 @@ def _say(text: str) -> None:
 
 def write_report(
     demo: DemoPlan, teacher: RunRecord, records: dict[str, list[RunRecord]], command: str, seconds: float,
-    jobs: int = 1,
 ) -> Path:
     out = demo.out
     p = demo.preset
@@ -256,9 +218,7 @@ def write_report(
         f"(`{demo.data_root}`), crops {p.crop_size[0]}×{p.crop_size[1]}, batch {p.batch_size}, lr {p.lr} (poly), "
         f"teacher {p.teacher_iterations} and students {p.student_iterations} iterations, {demo.seeds} seed(s), "
         f"torch.compile {_compile_text(p.compile)}.  ",
-        f"Wall time of this command: {seconds / 60:.1f} min (runs found finished were not retrained)"
-        + (f"; {jobs} student runs at a time shared the device, so their training seconds are not costs." if jobs > 1
-           else "."),
+        f"Wall time of this command: {seconds / 60:.1f} min (runs found finished were not retrained).",
         "",
         "## Validation mIoU",
         "",

@@ -13,7 +13,7 @@ import math
 import statistics
 import traceback
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,17 +119,11 @@ def _check_same_config(cfg: ExperimentConfig) -> None:
         old = config_from_dict(read_yaml(saved), str(saved))
     except CskdError:
         old = None
-    if old is None or _trained_the_same(old) != _trained_the_same(cfg):
+    if old is None or old.digest() != cfg.digest():
         raise ConfigError(
             f"{cfg.run_dir} holds a run of a different configuration ({saved}); use another output folder or "
             "delete that one to start over"
         )
-
-
-def _trained_the_same(cfg: ExperimentConfig) -> str:
-    """The digest without the settings that only choose how fast the same run goes (cuDNN autotuning, which
-    ``cskd demo --jobs`` turns off): a run may be resumed with them changed."""
-    return replace(cfg, train=replace(cfg.train, cudnn_benchmark=True)).digest()
 
 
 # ------------------------------------------------------------------------------------------------ summaries

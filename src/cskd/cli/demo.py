@@ -37,9 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile every run (default: the preset's choice; the paper preset's short runs do "
                         "not compile)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="student runs trained side by side in separate processes (a large GPU runs several "
-                        "256×512 runs at once; their timings then are not costs)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -63,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
         students=students, compile=args.compile,  # type: ignore[arg-type]
     )
     command = "cskd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "cskd demo"
-    demo.run(plan, progress=not args.no_progress, command=command, jobs=args.jobs)
+    demo.run(plan, progress=not args.no_progress, command=command)
     return 0
