@@ -165,6 +165,35 @@ def test_nonfinite_loss_stops_with_iteration_and_terms_and_keeps_the_checkpoint(
     assert safe_load(tmp_path / "nan" / "last.pt")["iteration"] == 2  # the good one, untouched
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_time_budget_counts_a_loader_slower_than_the_step(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    from cskd.engine.sampling import SeededSamples
+
+    load = SeededSamples.__getitem__
+
+    def slow(self, index):  # noqa: ANN001, ANN202
+        time.sleep(0.05)
+        return load(self, index)
+
+    monkeypatch.setattr(SeededSamples, "__getitem__", slow)
+    raw = tiny_config(synth_root, tmp_path / "slow", None, batch_size=4,
+                      budget={"gpu_seconds": 2.0, "warmup_steps": 1, "calibration_steps": 3})
+    raw["data"]["workers"] = workers
+    trainer = Trainer(config_from_dict(raw), progress=False)
+    assert trainer.loader_seconds >= 4 * 0.05 / max(1, workers) * 0.9  # 4 images a batch, spread over the workers
+    if workers:  # workers load while the step runs: the slower of the two sets the pace
+        assert trainer.step_seconds == pytest.approx(max(trainer.bare_step_seconds, trainer.loader_seconds))
+    else:  # the main process loads, then steps
+        assert trainer.step_seconds == pytest.approx(trainer.bare_step_seconds + trainer.loader_seconds)
+    result = trainer.fit()
+    # Planned from the bare step alone, this run would take several times its budget.
+    assert result.train_seconds <= 1.5 * 2.0 + trainer.step_seconds
+    budget = read_records(tmp_path / "slow" / "log.jsonl", "budget")[0]
+    assert budget["loader_seconds"] == pytest.approx(trainer.loader_seconds)
+
+
 def test_step_tally_means_and_first_nonfinite_step() -> None:
     from cskd.engine.trainer import StepTally
 
@@ -222,9 +251,9 @@ def test_time_budget_plans_and_records_seconds(synth_root: Path, tmp_path: Path)
     result = trainer.fit()
     assert result.iterations == planned
     assert result.planned_seconds == pytest.approx(planned * trainer.step_seconds)
-    # Training time excludes evaluation, checkpoints and the first (warm-up) step. The calibration times steps on
-    # batches already in memory while the real loop also loads data (workers: 0 here) on a shared 2-core machine,
-    # so allow half the budget either way; a plan that ignored the step time would miss by far more.
+    # Training time excludes evaluation, checkpoints and the first (warm-up) step. The calibration times a few
+    # steps and batches apart, on a shared 2-core machine where timings of a few milliseconds jitter, so allow
+    # half the budget either way; a plan that ignored the step time would miss by far more.
     assert result.warmup_seconds > 0
     assert 0.5 * 3.0 <= result.train_seconds + trainer.step_seconds <= 1.5 * 3.0 + trainer.step_seconds
     budget = read_records(tmp_path / "tb" / "log.jsonl", "budget")
