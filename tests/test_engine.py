@@ -198,8 +198,9 @@ def test_step_tally_means_and_first_nonfinite_step() -> None:
     from cskd.engine.trainer import StepTally
 
     tally = StepTally(torch.device("cpu"))
-    steps = [(1.0, {"ce": 0.5, "kd": 0.5}), (3.0, {"ce": 1.5, "kd": 1.5}), (float("nan"), {"ce": 2.0, "kd": float("nan")}),
-             (float("inf"), {"ce": 7.0, "kd": float("inf")})]
+    nan, inf = float("nan"), float("inf")
+    steps = [(1.0, {"ce": 0.5, "kd": 0.5}), (3.0, {"ce": 1.5, "kd": 1.5}), (nan, {"ce": 2.0, "kd": nan}),
+             (inf, {"ce": 7.0, "kd": inf})]
     for it, (loss, terms) in enumerate(steps[:2], 1):
         tally.add(it, torch.tensor(loss), {k: torch.tensor(v) for k, v in terms.items()})
     assert tally.first_nonfinite() is None

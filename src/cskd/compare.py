@@ -6,7 +6,8 @@ initialisation and seeds under two budgets:
 
 - ``iterations``: the config's iteration count for every method (the papers' protocol);
 - ``time``: the same number of training seconds for every method (GPU seconds on a GPU). Each run times its own
-  step and data loader first (a short calibration) and fixes its iteration count, so its poly schedule still ends at zero.
+  step and data loader first (a short calibration) and fixes its iteration count, so its poly schedule still
+  ends at zero.
   The default time is what the *reference* method (``--time-reference``, default ``kd``: the teacher's forward
   plus a near-free logit term) spent in the iteration budget.
 

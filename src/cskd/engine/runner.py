@@ -250,14 +250,18 @@ class StepRunner:
             # As the loader's batches are: a copy from pageable memory would wait for the device at every step.
             batch = {k: v.pin_memory() for k, v in batch.items()}
         self.step_module.train()
-        start = time.perf_counter()
-        for i in range(warmup + steps):
-            if i == warmup:
-                self.sync()
-                start = time.perf_counter()
+
+        def one_step() -> None:
             loss, terms = self.step(*self.prepare(batch))
             if after_step is not None:
                 after_step(loss, terms)
+
+        for _ in range(warmup):
+            one_step()
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            one_step()
         self.sync()
         seconds = (time.perf_counter() - start) / steps
         seconds = max(all_gather_objects(seconds))

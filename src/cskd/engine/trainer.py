@@ -172,7 +172,7 @@ class Trainer:
                 cfg.data.crop_size, b.warmup_steps, b.calibration_steps,
                 after_step=lambda loss, terms: tally.add(1, loss, terms))
             self.loader_seconds = self._loader_seconds(b.calibration_steps)
-            # Workers load the next batches while the device steps; without workers the loop does one, then the other.
+            # Workers load the next batches while the device steps; without workers the loop loads, then steps.
             self.step_seconds = (max(self.bare_step_seconds, self.loader_seconds) if cfg.data.workers > 0
                                  else self.bare_step_seconds + self.loader_seconds)
             self.total_iterations = max(1, int(b.gpu_seconds / self.step_seconds))
@@ -395,8 +395,8 @@ class Trainer:
                 rec.message("warning: the teacher has random weights (teacher.weights is not set)")
         if self.step_seconds is not None and main and self.iteration == 0:
             rec.write("budget", 0, {"gpu_seconds": t.budget.gpu_seconds, "step_seconds": self.step_seconds,
-                                    "bare_step_seconds": self.bare_step_seconds, "loader_seconds": self.loader_seconds,
-                                    "planned_iterations": total})
+                                    "bare_step_seconds": self.bare_step_seconds,
+                                    "loader_seconds": self.loader_seconds, "planned_iterations": total})
 
         val_every = max(1, total // t.val_points) if t.val_points else t.val_every
         loader = self._make_train_loader(self.iteration)
