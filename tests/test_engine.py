@@ -3,6 +3,7 @@ gives the uninterrupted loss curve; non-finite losses stop cleanly; bad batch si
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -182,16 +183,13 @@ def test_time_budget_counts_a_loader_slower_than_the_step(
                       budget={"gpu_seconds": 2.0, "warmup_steps": 1, "calibration_steps": 3})
     raw["data"]["workers"] = workers
     trainer = Trainer(config_from_dict(raw), progress=False)
-    assert trainer.loader_seconds >= 4 * 0.05 / max(1, workers) * 0.9  # 4 images a batch, spread over the workers
-    if workers:  # workers load while the step runs: the slower of the two sets the pace
-        assert trainer.step_seconds == pytest.approx(max(trainer.bare_step_seconds, trainer.loader_seconds))
-    else:  # the main process loads, then steps
-        assert trainer.step_seconds == pytest.approx(trainer.bare_step_seconds + trainer.loader_seconds)
+    # The calibration is fed by the loader: 4 images a batch, spread over the workers, set its pace.
+    assert trainer.step_seconds >= 4 * 0.05 / max(1, workers) * 0.9
     result = trainer.fit()
-    # Planned from the bare step alone, this run would take several times its budget.
+    # Planned from a step on a batch in memory, this run would take several times its budget.
     assert result.train_seconds <= 1.5 * 2.0 + trainer.step_seconds
     budget = read_records(tmp_path / "slow" / "log.jsonl", "budget")[0]
-    assert budget["loader_seconds"] == pytest.approx(trainer.loader_seconds)
+    assert budget["step_seconds"] == pytest.approx(trainer.step_seconds)
 
 
 def test_step_tally_means_and_first_nonfinite_step() -> None:
@@ -216,12 +214,30 @@ def test_step_tally_means_and_first_nonfinite_step() -> None:
 def test_calibration_times_the_loops_per_step_work_too(synth_root: Path, tmp_path: Path) -> None:
     cfg = config_from_dict(tiny_config(synth_root, tmp_path / "cal", None, budget={"iterations": 2}))
     runner = Trainer(cfg, progress=False).runner
+    batches = itertools.repeat(runner.random_batch(TINY))
     calls: list[float] = []
-    bare = runner.calibrate(TINY, warmup=1, steps=3)
-    with_work = runner.calibrate(TINY, warmup=1, steps=3, after_step=lambda loss, terms: (calls.append(loss.item()),
-                                                                                           time.sleep(0.05)))
+    bare = runner.calibrate(batches, warmup=1, steps=3)
+    with_work = runner.calibrate(batches, warmup=1, steps=3,
+                                 after_step=lambda loss, terms: (calls.append(loss.item()), time.sleep(0.05)))
     assert len(calls) == 4  # warm-up and timed steps
     assert with_work >= bare * 0.5 + 0.05 * 0.9  # the timed part includes the per-step work
+
+
+def test_calibration_leaves_weights_optimiser_and_rng_as_they_were(synth_root: Path, tmp_path: Path) -> None:
+    cfg = config_from_dict(tiny_config(synth_root, tmp_path / "cal", [{"name": "cskd"}], batch_size=4,
+                                       budget={"iterations": 2}))
+    trainer = Trainer(cfg, progress=False)
+    runner = trainer.runner
+    weights = {k: v.clone() for k, v in runner.step_module.state_dict().items()}
+    lr = runner.optimizer.param_groups[0]["lr"]
+    rng = torch.get_rng_state()
+    seconds = runner.calibrate(iter(trainer._make_train_loader(0)), warmup=1, steps=2)
+    assert seconds > 0
+    after = runner.step_module.state_dict()
+    assert all(torch.equal(weights[k], after[k]) for k in weights)  # BN running statistics included
+    assert not runner.optimizer.state  # no momentum left behind
+    assert runner.optimizer.param_groups[0]["lr"] == lr
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_cka_losses_refuse_small_batches(synth_root: Path, tmp_path: Path) -> None:

@@ -93,9 +93,9 @@ class LossConfig:
 class BudgetConfig:
     """Train for a number of iterations, or for a number of seconds of training-step time (GPU seconds on a GPU).
 
-    With ``gpu_seconds`` the iteration count is fixed up front from a timed calibration of this method's own step
-    (``calibration_steps`` after ``warmup_steps``) and of as many batches of the data loader, so that the poly LR
-    schedule has its total."""
+    With ``gpu_seconds`` the iteration count is fixed up front from a timed calibration of this method's own
+    iterations fed by the training loader (``calibration_steps`` after at least ``warmup_steps``; more where the
+    loader's workers queue more batches at start-up), so that the poly LR schedule has its total."""
 
     iterations: int | None = None
     """Default (neither set): 40,000, the published schedule."""

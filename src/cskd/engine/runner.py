@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -234,25 +234,23 @@ class StepRunner:
         }
 
     def calibrate(
-        self, size: tuple[int, int], warmup: int, steps: int,
+        self, batches: Iterator[dict[str, Tensor]], warmup: int, steps: int,
         after_step: Callable[[Tensor, dict[str, Tensor]], None] | None = None,
     ) -> float:
-        """Seconds per step of this method (plus ``after_step``, the loop's own per-step work), timed on a random
-        batch; every state (weights, BN statistics, optimiser, schedule, RNG) is restored afterwards, so the real
-        run starts exactly where an iteration-budget run would. The slowest process sets the pace of a
+        """Seconds per iteration of this method fed by ``batches`` (plus ``after_step``, the loop's own per-step
+        work). Fed by the training loader, the timing includes what the loop will wait for: batches that come
+        slower than the step, and the loader's share of the host (its pinning thread competes with the kernel
+        launches). Every state (weights, BN statistics, optimiser, schedule, RNG) is restored afterwards, so the
+        real run starts exactly where an iteration-budget run would. The slowest process sets the pace of a
         data-parallel run."""
         saved_model = copy.deepcopy(self.step_module.state_dict())
         saved_opt = copy.deepcopy(self.optimizer.state_dict())
         saved_sched = copy.deepcopy(self.scheduler.state_dict())
         rng = capture_rng()
-        batch = self.random_batch(size)
-        if self.device.type == "cuda":
-            # As the loader's batches are: a copy from pageable memory would wait for the device at every step.
-            batch = {k: v.pin_memory() for k, v in batch.items()}
         self.step_module.train()
 
         def one_step() -> None:
-            loss, terms = self.step(*self.prepare(batch))
+            loss, terms = self.step(*self.prepare(next(batches)))
             if after_step is not None:
                 after_step(loss, terms)
 

@@ -36,6 +36,9 @@ from .records import RunRecorder, read_records
 from .runner import StepRunner
 from .sampling import SeededBatchSampler, SeededSamples
 
+PREFETCH_BATCHES = 4
+"""Batches each loader worker keeps ready."""
+
 
 class StepTally:
     """The loss and its terms summed over the steps since the last read, and the first non-finite step with its
@@ -84,7 +87,7 @@ class TrainResult:
     planned_seconds: float | None
     """For a time budget: the calibrated step time × the planned iterations."""
     step_seconds: float | None
-    """For a time budget: the calibrated time of one iteration (the step, or the loader where it is slower)."""
+    """For a time budget: the calibrated time of one iteration, fed by the training loader."""
     eval_seconds: float
     warmup_seconds: float
     """The first step of each process start (compilation, cuDNN autotuning), kept out of ``train_seconds``."""
@@ -155,26 +158,24 @@ class Trainer:
         self.best_miou: float | None = None
         self.best_iteration: int | None = None
         self.step_seconds: float | None = None
-        self.bare_step_seconds: float | None = None
-        self.loader_seconds: float | None = None
         self.total_iterations = t.budget.iterations
         if resume_path is not None:
             self._load_checkpoint(resume_path)
         if self.total_iterations is None:
             b = t.budget
             assert b.gpu_seconds is not None
-            # The budget is spent on the loop, not on bare steps. The calibration keeps the loop's per-step
-            # bookkeeping (at launch-bound step sizes its few kernels are a measurable share) and times the data
-            # loader too: a fast step waits for its batches (a 300-iteration baseline on the H100 ran 21.5 ms per
-            # iteration against a 17.5 ms step, docs/results-budget.md).
+            # The budget is spent on the loop, not on bare steps: the calibration runs the loop's per-step
+            # bookkeeping (at launch-bound step sizes its few kernels are a measurable share) on batches from the
+            # training loader. Timed on a batch kept in memory, a 300-iteration baseline on the H100 ran 10-25 %
+            # over its budget (docs/results-budget.md). The warm-up drains the queue the workers fill at start-up,
+            # so that the timed steps see the loader's steady pace.
             tally = StepTally(self.device)
-            self.bare_step_seconds = self.runner.calibrate(
-                cfg.data.crop_size, b.warmup_steps, b.calibration_steps,
+            loader = self._make_train_loader(0)
+            batches = iter(loader)
+            self.step_seconds = self.runner.calibrate(
+                batches, max(b.warmup_steps, cfg.data.workers * PREFETCH_BATCHES), b.calibration_steps,
                 after_step=lambda loss, terms: tally.add(1, loss, terms))
-            self.loader_seconds = self._loader_seconds(b.calibration_steps)
-            # Workers load the next batches while the device steps; without workers the loop loads, then steps.
-            self.step_seconds = (max(self.bare_step_seconds, self.loader_seconds) if cfg.data.workers > 0
-                                 else self.bare_step_seconds + self.loader_seconds)
+            del batches, loader  # its workers stop now, before the run starts its own
             self.total_iterations = max(1, int(b.gpu_seconds / self.step_seconds))
             self.runner.set_schedule(self.total_iterations)
         self.planned_seconds = (
@@ -244,23 +245,8 @@ class Trainer:
             num_workers=d.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=d.workers > 0,
-            prefetch_factor=4 if d.workers > 0 else None,
+            prefetch_factor=PREFETCH_BATCHES if d.workers > 0 else None,
         )
-
-    def _loader_seconds(self, batches: int) -> float:
-        """Seconds per batch that the training loader delivers on its own, in steady flow: the first two batches
-        of every worker (its start-up and the queue it fills at once) are not timed. The loader has its own
-        generator and seeded samples, so this changes nothing in the run that follows."""
-        loader = self._make_train_loader(0)
-        it = iter(loader)
-        for _ in range(max(1, 2 * self.cfg.data.workers)):
-            next(it)
-        start = time.perf_counter()
-        for _ in range(batches):
-            next(it)
-        seconds = (time.perf_counter() - start) / batches
-        del it, loader  # its workers stop now, before the run starts its own
-        return max(all_gather_objects(seconds))
 
     def _val_loader(self) -> DataLoader:
         if self._val is None:
@@ -395,8 +381,7 @@ class Trainer:
                 rec.message("warning: the teacher has random weights (teacher.weights is not set)")
         if self.step_seconds is not None and main and self.iteration == 0:
             rec.write("budget", 0, {"gpu_seconds": t.budget.gpu_seconds, "step_seconds": self.step_seconds,
-                                    "bare_step_seconds": self.bare_step_seconds,
-                                    "loader_seconds": self.loader_seconds, "planned_iterations": total})
+                                    "planned_iterations": total})
 
         val_every = max(1, total // t.val_points) if t.val_points else t.val_every
         loader = self._make_train_loader(self.iteration)
