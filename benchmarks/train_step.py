@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cskd.engine.config import config_from_dict
-from cskd.engine.distributed import DistEnv
+from cskd.distributed import DistEnv
 from cskd.engine.runner import StepRunner
 from cskd.timing import cpu_name, time_calls
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cskd.losses.base import DistillLoss, register_loss
-from cskd.methods import METHODS, Method
+from cskd.losses.methods import METHODS, Method
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ class _AlwaysNaN(DistillLoss):
 
 def test_a_failing_method_is_reported_and_the_others_go_on(synth: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from cskd import compare
+    from cskd.studies import compare
 
     monkeypatch.setitem(METHODS, "broken", Method("broken", ({"name": "_test_compare_nan"},), "always NaN"))
     plan = compare.make_plan(write_config(tmp_path, synth), ("baseline", "broken"), seeds=1,
@@ -113,7 +113,7 @@ def test_killed_comparison_resumes_and_skips_finished_runs(synth: Path, tmp_path
 
 
 def test_a_run_folder_of_another_config_is_refused(synth: Path, tmp_path: Path) -> None:
-    from cskd import compare
+    from cskd.studies import compare
     from cskd.errors import ConfigError
 
     cfg = write_config(tmp_path, synth, iterations=2)

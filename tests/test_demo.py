@@ -38,7 +38,7 @@ def test_demo_runs_end_to_end_and_reports(tmp_path: Path) -> None:
 
 
 def test_paper_preset_does_not_compile_unless_asked(tmp_path: Path) -> None:
-    from cskd import demo
+    from cskd.studies import demo
 
     plan = demo.plan("paper", out=tmp_path, device="cuda")
     runs = [plan.teacher, *(cfg for cfgs in plan.students.values() for _, cfg in cfgs)]

@@ -22,7 +22,7 @@ from cskd.engine.trainer import Trainer
 from cskd.errors import ConfigError, TrainingError
 from cskd.losses import LOSSES, _load_all
 from cskd.losses.base import DistillLoss, register_loss
-from cskd.models import safe_load
+from cskd.checkpoints import safe_load
 
 TINY = (32, 64)
 
@@ -250,7 +250,7 @@ def test_cka_losses_refuse_small_batches(synth_root: Path, tmp_path: Path) -> No
 
 
 def test_per_device_cka_refuses_two_images_per_process(synth_root: Path, tmp_path: Path) -> None:
-    from cskd.engine.distributed import DistEnv
+    from cskd.distributed import DistEnv
     from cskd.engine.runner import StepRunner
 
     cfg = config_from_dict(tiny_config(synth_root, tmp_path / "x", [{"name": "cskd"}], batch_size=4))
@@ -284,7 +284,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> N
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from cskd.engine.distributed import cleanup
+    from cskd.distributed import cleanup
 
     trainer = Trainer(config_from_dict(cfg_dict), progress=False)
     trainer.fit()

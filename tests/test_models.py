@@ -11,16 +11,8 @@ import pytest
 import torch
 
 from cskd.errors import CheckpointError
-from cskd.models import (
-    backbone_state_dict,
-    build_segmentor,
-    count_parameters,
-    from_official,
-    load_backbone_weights,
-    load_weights,
-    model_info,
-    to_official,
-)
+from cskd.checkpoints import backbone_state_dict, from_official, load_backbone_weights, load_weights, to_official
+from cskd.models import build_segmentor, count_parameters, model_info
 from reference_weights import DATA, deterministic_state, layout, reference_input
 
 # (cskd model, backbone, published layout file stem)

@@ -8,7 +8,7 @@ import torch
 
 from cskd.losses.attention import cam_context
 from cskd.losses.cka import residual_gram
-from cskd.losses.wide_matmul import exact_bmm, wide_bmm
+from cskd.losses._numerics import exact_bmm, wide_bmm
 
 DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
 

@@ -23,3 +23,9 @@ class TrainingError(CskdError, RuntimeError):
 
 class ExportError(CskdError, RuntimeError):
     """An export failed, or the exported model does not reproduce the PyTorch model (verification)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none), for one-line error messages."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

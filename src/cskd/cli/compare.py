@@ -1,4 +1,4 @@
-"""``cskd compare``: methods side by side at equal iterations and at equal training time (see :mod:`cskd.compare`)."""
+"""``cskd compare``: methods side by side at equal iterations and at equal training time (see :mod:`cskd.studies.compare`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..methods import METHODS
+    from ..losses.methods import METHODS
 
     p = sub.add_parser(
         "compare", help="compare distillation methods at equal iterations and at equal GPU time",
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import compare
+    from ..studies import compare
 
     plan = compare.make_plan(
         args.config, tuple(m for m in args.methods.split(",") if m), seeds=args.seeds,

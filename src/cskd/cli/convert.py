@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..models.convert import official_model_name, to_official
-    from ..models.loading import load_model
+    from ..checkpoints.official import official_model_name, to_official
+    from ..checkpoints.loading import load_model
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

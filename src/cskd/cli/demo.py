@@ -1,4 +1,4 @@
-"""``cskd demo``: the main job on built-in synthetic data (see :mod:`cskd.demo`)."""
+"""``cskd demo``: the main job on built-in synthetic data (see :mod:`cskd.studies.demo`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from ..errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..demo import PRESETS
-    from ..methods import METHODS
+    from ..studies.demo import PRESETS
+    from ..losses.methods import METHODS
 
     p = sub.add_parser(
         "demo", help="distil a student on built-in synthetic street scenes and write a report",
@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import demo
+    from ..studies import demo
 
     preset = args.preset or ("paper" if args.device != "cpu" and torch.cuda.is_available() else "small")
     students = None

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from ..engine.distributed import resolve_device
+from ..distributed import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..evaluation.inference import MODES, resolve_amp
-from ..models.loading import LoadedModel, load_model
+from ..checkpoints.loading import LoadedModel, load_model
 from ..models.segmentor import MODELS, Segmentor
 
 # ------------------------------------------------------------------------------------------- shared with predict

@@ -55,7 +55,7 @@ def _load(args: argparse.Namespace, extra: list[str]):  # noqa: ANN202
 
 
 def _run(cfg, args: argparse.Namespace) -> int:  # noqa: ANN001
-    from ..engine.distributed import cleanup
+    from ..distributed import cleanup
     from ..engine.trainer import train
 
     try:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..config import build_dataclass, validate_kwargs
+from ..schema import build_dataclass, validate_kwargs
 from ..errors import ConfigError
 
 
@@ -179,7 +179,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig | None = None
     method: str | None = None
-    """A named method from :mod:`cskd.methods` (e.g. ``cskd``, ``cwd``, ``baseline``): fills ``losses``."""
+    """A named method from :mod:`cskd.losses.methods` (e.g. ``cskd``, ``cwd``, ``baseline``): fills ``losses``."""
     losses: tuple[LossConfig, ...] = ()
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -314,7 +314,7 @@ def config_from_dict(raw: Mapping[str, Any], where: str = "config") -> Experimen
         raise ConfigError(f"{where}: key 'losses' must be a list of {{name: ..., <params>}} entries")
     method = raw.get("method")
     if method is not None:
-        from ..methods import METHODS
+        from ..losses.methods import METHODS
 
         if method not in METHODS:
             raise ConfigError(f"{where}: unknown method '{method}'; choose one of {', '.join(METHODS)} (or list "

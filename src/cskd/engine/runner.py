@@ -21,12 +21,13 @@ from ..errors import ConfigError
 from ..evaluation.inference import resolve_amp
 from ..losses import build_loss
 from ..losses.base import DistillLoss
-from ..models import build_segmentor, load_backbone_weights, load_weights, safe_load
+from ..checkpoints.files import capture_rng, restore_rng
+from ..checkpoints.weights import load_backbone_weights, load_teacher_weights, load_weights
+from ..distributed import DistEnv, all_gather_objects
+from ..models import build_segmentor
 from ..models.fusion import fold_batchnorm_
 from ..models.segmentor import SegOutput, Segmentor
-from .checkpointing import capture_rng, restore_rng
 from .config import ExperimentConfig
-from .distributed import DistEnv, all_gather_objects
 from .step import TrainStep
 
 
@@ -40,19 +41,6 @@ class PolyDecay:
 
     def __call__(self, t: int) -> float:
         return max(0.0, 1.0 - t / self.total) ** self.power
-
-
-def load_teacher_weights(teacher: Segmentor, path: str) -> None:
-    """Teacher files usually carry an auxiliary head the frozen teacher does not run here: drop it."""
-    from ..models.checkpoint import extract_state_dict
-    from ..models.convert import from_official, is_official_layout, unwrap_state_dict
-
-    state = extract_state_dict(safe_load(path), path)
-    assert teacher.spec is not None
-    state = from_official(state, teacher.spec.model, teacher.spec.backbone) if is_official_layout(state) \
-        else unwrap_state_dict(state)
-    state = {k: v for k, v in state.items() if not k.startswith("aux_head.")}
-    load_weights(teacher, state, name=path)
 
 
 class StepRunner:
@@ -270,4 +258,4 @@ class StepRunner:
         return seconds
 
 
-__all__ = ["PolyDecay", "StepRunner", "load_teacher_weights"]
+__all__ = ["PolyDecay", "StepRunner"]

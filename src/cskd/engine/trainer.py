@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, Subset
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..evaluation.metrics import SegMetrics
-from ..models import load_weights, safe_load
-from .checkpointing import atomic_save, capture_rng, restore_rng
+from ..checkpoints.files import atomic_save, capture_rng, restore_rng, safe_load
+from ..checkpoints.weights import load_weights
+from ..distributed import DistEnv, all_gather_objects, barrier, init_distributed
 from .config import ExperimentConfig, save_config
-from .distributed import DistEnv, all_gather_objects, barrier, init_distributed
 from .records import RunRecorder, read_records
 from .runner import StepRunner
 from .sampling import SeededBatchSampler, SeededSamples

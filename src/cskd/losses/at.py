@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.segmentor import SegOutput
+from ._numerics import compute_dtype, no_autocast
 from .base import DistillLoss, check_non_negative, check_positive, register_loss
-from .cka import compute_dtype, no_autocast
 
 
 def attention_map(features: Tensor, p: float = 2.0) -> Tensor:

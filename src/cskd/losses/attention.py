@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cka import compute_dtype, no_autocast
-from .wide_matmul import exact_bmm
+from ._numerics import compute_dtype, exact_bmm, no_autocast
 
 # ----------------------------------------------------------------------------------------------- channel attention
 
@@ -40,7 +39,7 @@ def cam_context(x: Tensor, temperature: float) -> Tensor:
     softmax is shift-invariant, so softmax((rowmax(A) − A)/τ) = softmax(−A/τ), and softmax subtracts its own row
     maximum for stability: the explicit rowmax is left out. A's entries are sums over all N positions (thousands),
     where bf16's resolution is coarser than the temperature, so A and the softmax are float32 with autocast off;
-    bf16 features are multiplied on tensor cores with a float32 result (:func:`.wide_matmul.exact_bmm`), which is
+    bf16 features are multiplied on tensor cores with a float32 result (:func:`._numerics.exact_bmm`), which is
     exact for the products. S·X̃ is then formed as every fused attention kernel (and PAM here) forms its output:
     weights rounded to the features' dtype, float32 accumulation, result in the features' dtype. float32 and
     float64 features stay in their dtype throughout.

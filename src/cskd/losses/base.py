@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..config import validate_kwargs
+from ..schema import validate_kwargs
 from ..errors import ConfigError
 from ..models.segmentor import SegOutput
 

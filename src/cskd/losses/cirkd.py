@@ -54,14 +54,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ..distributed import all_gather_cat
 from ..models.segmentor import SegOutput
+from ._numerics import compute_dtype, no_autocast
 from .base import DistillLoss, check_non_negative, check_positive, register_loss
-from .cka import compute_dtype, no_autocast
 from .ifvd import class_one_hot, downsample_labels
 
 #: Upper bound on the logits one block of :func:`relation_kd` materialises (2^26 float32 = 256 MiB per temporary).
@@ -262,18 +262,6 @@ def sample_class_pixels(labels: Tensor, num_classes: int, per_class: int) -> tup
     return index, keep
 
 
-@torch.no_grad()
-def all_gather_cat(x: Tensor) -> Tensor:
-    """Concatenate ``x`` from every rank along dim 0 (rank order); ``x`` itself without a process group.
-    Every rank must pass the same shape (the engine's per-device batch is fixed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, dim=0)
-
-
 # ------------------------------------------------------------------------------------------------ the loss
 
 
@@ -445,6 +433,6 @@ def _sample_slots(queue: Tensor, per_class: int) -> Tensor:
 
 
 __all__ = [
-    "BLOCK_ELEMENTS", "CIRKDLoss", "all_gather_cat", "fifo_enqueue", "minibatch_pixel_relation", "relation_kd",
+    "BLOCK_ELEMENTS", "CIRKDLoss", "fifo_enqueue", "minibatch_pixel_relation", "relation_kd",
     "sample_class_pixels",
 ]

@@ -23,23 +23,16 @@ the published code (the epsilon sits *inside* the log there), so CKA = 0 gives a
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .wide_matmul import LOW_PRECISION, compute_dtype, exact_bmm
+from ._numerics import LOW_PRECISION, compute_dtype, exact_bmm, no_autocast
 
 #: The published code's guard: loss = −log(|CKA| + LOG_EPS).
 LOG_EPS = 1e-8
 #: A side whose centred Gram is this small relative to its Gram is treated as having no spread (see module doc).
 DEGENERATE_RTOL = 1e-6
-
-
-def no_autocast(t: Tensor) -> AbstractContextManager:
-    """Switch autocast off for ``t``'s device type: used around the float32 parts (Grams, HSIC, CAM energies)."""
-    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 #: Target length of the slices long rows are cut into (see :func:`row_products`).
@@ -130,13 +123,13 @@ def residual_gram(m: Tensor, x: Tensor, gamma: Tensor, gather: Callable[[Tensor]
     over the stacked rows [M; X] when that product is cheaper than forming γ·m + x:
 
     - ``m`` and ``x`` both bf16 (or both fp16), as under autocast: the stacked rows stay in that dtype and are
-      multiplied on tensor cores with a float32 result (:func:`.wide_matmul.wide_bmm`, exact products); the
+      multiplied on tensor cores with a float32 result (:func:`._numerics.wide_bmm`, exact products); the
       gradient reaches ``m``, ``x`` and γ through the B×B combination.
     - neither needs a gradient (the teacher side): γ keeps its gradient and nothing of size D is kept for
       backward.
 
     Otherwise y = γ·m + x is formed in float32 (float64 stays float64) and multiplied. ``gather`` (e.g.
-    :func:`gather_samples`) collects the samples of all ranks first.
+    :func:`cskd.distributed.gather_samples`) collects the samples of all ranks first.
     """
     gather = gather or _identity
     with no_autocast(x):
@@ -159,7 +152,7 @@ def stacked_gram(m: Tensor, x: Tensor) -> Tensor:
 
     The rows are copied once, straight into the sliced layout of :func:`row_products` (``(..., p, 2B, D/p)``,
     contiguous), so that every leading dimension merges into one batch of p·… small products: for low-precision
-    rows one tensor-core :func:`.wide_matmul.wide_bmm` call.
+    rows one tensor-core :func:`._numerics.wide_bmm` call.
     """
     d = m.shape[-1]
     p = _slices(d)
@@ -168,40 +161,6 @@ def stacked_gram(m: Tensor, x: Tensor) -> Tensor:
     flat = rows.flatten(0, -3)
     products = exact_bmm(flat, flat.mT)
     return products.view(*rows.shape[:-1], rows.shape[-2]).sum(-3)
-
-
-def distributed_world() -> int:
-    """The number of ranks when torch.distributed is initialised, else 1."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class _GatherSamples(torch.autograd.Function):
-    """all_gather along one dimension, differentiable. Backward sums the gradients of all ranks (each rank computes
-    the same global loss) and keeps this rank's slice, as ``torch.distributed.nn.functional.all_gather`` does (that
-    one is deprecated in recent torch and warns at every call); data-parallel averaging then yields the gradient of
-    the global loss."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor, dim: int) -> Tensor:  # type: ignore[override]
-        t = t.contiguous()
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t)
-        ctx.dim, ctx.rank, ctx.size = dim, dist.get_rank(), t.shape[dim]
-        return torch.cat(parts, dim)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad)
-        return grad.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size), None
-
-
-def gather_samples(t: Tensor) -> Tensor:
-    """The samples (dimension −2 of ``(..., B, D)``) of every rank, concatenated in rank order; differentiable.
-    Identity when torch.distributed is not initialised or has one rank. Every rank must hold the same B."""
-    if distributed_world() == 1:
-        return t
-    return _GatherSamples.apply(t, t.dim() - 2)
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -217,7 +176,7 @@ def _check_pair(x: Tensor, y: Tensor) -> None:
 
 
 __all__ = [
-    "DEGENERATE_RTOL", "LOG_EPS", "centre_gram", "cka_from_grams", "cka_loss", "compute_dtype", "distributed_world",
-    "gather_samples", "gram", "hsic", "linear_cka", "neg_log_cka", "no_autocast", "residual_gram",
+    "DEGENERATE_RTOL", "LOG_EPS", "centre_gram", "cka_from_grams", "cka_loss", "gram", "hsic", "linear_cka",
+    "neg_log_cka", "residual_gram",
     "row_products", "stacked_gram",
 ]

@@ -43,8 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import gather_samples, world_size
 from ..errors import ConfigError
 from ..models.segmentor import SegOutput
+from ._numerics import compute_dtype, no_autocast
 from .attention import (
     BlockGroup,
     Projections,
@@ -56,15 +58,7 @@ from .attention import (
     query_channels,
 )
 from .base import DistillLoss, check_non_negative, check_positive, register_loss
-from .cka import (
-    cka_from_grams,
-    compute_dtype,
-    distributed_world,
-    gather_samples,
-    neg_log_cka,
-    no_autocast,
-    residual_gram,
-)
+from .cka import cka_from_grams, neg_log_cka, residual_gram
 
 Similarity = Literal["cka", "mse"]
 ProjectionMode = Literal["resample", "fixed", "learned"]
@@ -228,7 +222,7 @@ class CSKDLoss(DistillLoss):
             raise ValueError(f"cskd: built for {self.student_channels} student / {self.teacher_channels} teacher "
                              f"channels, got {fs.shape[1]} / {ft.shape[1]}")
         if self.similarity == "cka":
-            ranks = distributed_world() if self.cka_scope == "global" else 1
+            ranks = world_size() if self.cka_scope == "global" else 1
             if fs.shape[0] * ranks < 3:
                 where = "each device's batch" if ranks == 1 else f"the batch of all {ranks} ranks"
                 raise ConfigError(

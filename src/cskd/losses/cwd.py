@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ..models.segmentor import SegOutput
+from ._numerics import compute_dtype, no_autocast
 from .base import DistillLoss, check_non_negative, check_positive, register_loss
-from .cka import compute_dtype, no_autocast
 
 
 def channel_wise_kl(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:

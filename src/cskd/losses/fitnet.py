@@ -18,8 +18,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..models.segmentor import SegOutput
+from ._numerics import compute_dtype, no_autocast
 from .base import DistillLoss, check_non_negative, register_loss
-from .cka import compute_dtype, no_autocast
 
 
 @register_loss("fitnet")

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.segmentor import SegOutput
+from ._numerics import compute_dtype, no_autocast
 from .base import DistillLoss, check_non_negative, register_loss
-from .cka import compute_dtype, no_autocast
 
 
 def pairwise_similarity(features: Tensor) -> Tensor:

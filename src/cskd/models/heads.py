@@ -2,7 +2,7 @@
 right before the final 1×1 classifier: the map the feature-distillation losses compare.
 
 Sub-module names (``aspp.b0`` ... ``block`` ... ``classifier``) follow the published code so that the checkpoint
-converter (:mod:`cskd.models.convert`) only has to rename prefixes.
+converter (:mod:`cskd.checkpoints.official`) only has to rename prefixes.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def build_segmentor(
     """Build e.g. ``build_segmentor("deeplabv3", "resnet101", num_classes=19)``.
 
     ``aux`` defaults to the published choice: an FCN auxiliary head on layer3 for ResNets, none for MobileNetV2.
-    Weights are randomly initialised; load a checkpoint with :func:`cskd.models.load_weights`.
+    Weights are randomly initialised; load a checkpoint with :func:`cskd.checkpoints.load_weights`.
     """
     model = canonical_model_name(model)
     if backbone not in BACKBONES:

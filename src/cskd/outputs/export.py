@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..data.normalize import normalize
-from ..errors import ConfigError, DataError, ExportError
+from ..errors import ConfigError, DataError, ExportError, first_line
 from ..models import Segmentor
 from ..models.heads import PyramidPooling
 
@@ -201,11 +201,6 @@ def _require(name: str) -> ModuleType:
         raise ExportError(f"ONNX export needs the package '{name}': pip install 'cskd[onnx]'") from None
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def export_onnx(
     graph: nn.Module,
     path: str | Path,
@@ -240,7 +235,7 @@ def export_onnx(
                 verbose=False,
             )
     except Exception as e:  # the exporter raises many types; the user needs the first line and the file
-        raise ExportError(f"{path}: ONNX export failed: {_first_line(e)}") from e
+        raise ExportError(f"{path}: ONNX export failed: {first_line(e)}") from e
     proto = onnx.load(str(path))
     if metadata:
         onnx.helper.set_model_props(proto, dict(metadata))
@@ -248,7 +243,7 @@ def export_onnx(
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"{path}: the exported ONNX model is invalid: {_first_line(e)}") from e
+        raise ExportError(f"{path}: the exported ONNX model is invalid: {first_line(e)}") from e
     return path
 
 
@@ -411,7 +406,7 @@ def read_image(path: str | Path, size: tuple[int, int]) -> Tensor:
         with Image.open(path) as im:
             rgb = im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)
     except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"{path}: cannot read the image ({_first_line(e)})") from None
+        raise DataError(f"{path}: cannot read the image ({first_line(e)})") from None
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
@@ -464,7 +459,7 @@ def verify(
             got = runner(x)
         except Exception as e:  # a runtime failing on a valid input is a verification failure, not a crash
             checks.append(Check(name, tuple(x.shape), None, 0.0, 0.0, 0, tolerance.min_agreement,
-                                problem=f"the exported model failed to run: {_first_line(e)}"))
+                                problem=f"the exported model failed to run: {first_line(e)}"))
             continue
         checks.append(compare_outputs(name, got, expected, reference.options, tolerance))
     return checks

@@ -1,4 +1,7 @@
-"""Batched matrix products of bf16/fp16 operands with a float32 result: tensor-core speed, float32 answer.
+"""The losses' shared numerics: the dtype they compute in, autocast switched off for their float32 parts, and
+matrix products of low-precision operands with a float32 result.
+
+Batched matrix products of bf16/fp16 operands with a float32 result: tensor-core speed, float32 answer.
 
 CAM's energies X̃X̃ᵀ are sums over thousands of positions with values in the thousands, and the softmax at
 τ = 2 needs them to float32 resolution: rounding them to bf16 (what a bf16 matmul returns) moves entries by ~8,
@@ -20,6 +23,8 @@ there, which gives the same result more slowly. float32/float64 operands never c
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import torch
 from torch import Tensor
 
@@ -32,6 +37,11 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def no_autocast(t: Tensor) -> AbstractContextManager:
+    """Switch autocast off for ``t``'s device type: used around the float32 parts (Grams, HSIC, CAM energies)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 def _has_out_dtype(device: torch.device) -> bool:
@@ -77,4 +87,4 @@ def exact_bmm(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.to(dtype), b.to(dtype))
 
 
-__all__ = ["LOW_PRECISION", "compute_dtype", "exact_bmm", "wide_bmm"]
+__all__ = ["LOW_PRECISION", "compute_dtype", "exact_bmm", "no_autocast", "wide_bmm"]

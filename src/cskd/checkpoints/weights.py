@@ -1,14 +1,11 @@
-"""Reading weights safely and fitting them into a model, with errors that say what does not fit.
+"""Fitting weights into a model, with errors that say what does not fit.
 
-Every read goes through :func:`safe_load`, i.e. ``torch.load(..., weights_only=True)``: a checkpoint holds
-tensors and plain containers, and a file that would need to unpickle arbitrary objects (and could run code doing
-so) is refused.
+Every file is read through :func:`cskd.checkpoints.files.safe_load` (``torch.load(..., weights_only=True)``);
+published-layout files are converted by :mod:`cskd.checkpoints.official`.
 """
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,35 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from .convert import backbone_state_dict, from_official, is_official_layout, unwrap_state_dict
-from .segmentor import Segmentor
+from ..models.segmentor import Segmentor
+from .files import safe_load
+from .official import backbone_state_dict, from_official, is_official_layout, unwrap_state_dict
 
 _MAX_LISTED = 8
-
-
-def safe_load(path: str | Path) -> Any:
-    """``torch.load`` restricted to tensors and plain containers, on the CPU, with errors naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused to load: the file contains Python objects other than tensors and plain containers, "
-            f"and unpickling them could run code ({_first_line(e)}). Re-save only the state dict "
-            "(torch.save(model.state_dict(), path)) from code you trust."
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: cannot read the checkpoint ({_first_line(e)}); the file is truncated or not a PyTorch "
-            "checkpoint. Copy it again or point to another file."
-        ) from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, Tensor]:
@@ -155,4 +128,14 @@ def load_backbone_weights(model: Segmentor | nn.Module, source: str | Path | Map
     backbone.load_state_dict(state)
 
 
-__all__ = ["check_fit", "extract_state_dict", "load_backbone_weights", "load_weights", "safe_load"]
+def load_teacher_weights(teacher: Segmentor, path: str) -> None:
+    """Teacher files usually carry an auxiliary head the frozen teacher does not run here: drop it."""
+    state = extract_state_dict(safe_load(path), path)
+    assert teacher.spec is not None
+    state = from_official(state, teacher.spec.model, teacher.spec.backbone) if is_official_layout(state) \
+        else unwrap_state_dict(state)
+    state = {k: v for k, v in state.items() if not k.startswith("aux_head.")}
+    load_weights(teacher, state, name=path)
+
+
+__all__ = ["check_fit", "extract_state_dict", "load_backbone_weights", "load_teacher_weights", "load_weights"]

@@ -1,20 +1,46 @@
 """Checkpoint files: written atomically, read safely, holding everything an exact resume needs.
 
 A write goes to a temporary file in the same folder, is fsync'ed, then renamed over the target (and the folder
-fsync'ed): a crash or a full disk mid-write leaves the previous file intact. RNG states are saved as tensors and
-plain containers so that :func:`cskd.models.safe_load` (``weights_only=True``) reads them back.
+fsync'ed): a crash or a full disk mid-write leaves the previous file intact. Every read goes through :func:`safe_load`,
+i.e. ``torch.load(..., weights_only=True)``: a checkpoint holds tensors and plain containers, and a file that would
+need to unpickle arbitrary objects (and could run code doing so) is refused. RNG states are saved as tensors and
+plain containers so that :func:`safe_load` reads them back.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..errors import CheckpointError, first_line
+
+
+def safe_load(path: str | Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers, on the CPU, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: the file contains Python objects other than tensors and plain containers, "
+            f"and unpickling them could run code ({first_line(e)}). Re-save only the state dict "
+            "(torch.save(model.state_dict(), path)) from code you trust."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint ({first_line(e)}); the file is truncated or not a PyTorch "
+            "checkpoint. Copy it again or point to another file."
+        ) from None
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -77,4 +103,4 @@ def _python_state_from_tensor(d: dict[str, Any]) -> tuple:
     return (d["version"], tuple(int(x) for x in d["internal"].tolist()), d["gauss"])
 
 
-__all__ = ["atomic_save", "capture_rng", "restore_rng"]
+__all__ = ["atomic_save", "capture_rng", "restore_rng", "safe_load"]

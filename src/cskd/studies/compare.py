@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .engine.config import ExperimentConfig, load_config
-from .errors import ConfigError
-from .experiments import (
+from ..engine.config import ExperimentConfig, load_config
+from ..errors import ConfigError
+from .runs import (
     RunRecord, environment, fmt_pct, group_records, markdown_table, mean_std, plot_curves, run_one,
 )
-from .methods import METHODS
+from ..losses.methods import METHODS
 
 BUDGETS = ("iterations", "time")
 
@@ -87,7 +87,7 @@ def make_plan(
 
 def run_config(plan: ComparePlan, budget: str, method: str, seed: int, gpu_seconds: float | None) -> ExperimentConfig:
     """The config of one run: the base config with this method's losses, this seed, this budget."""
-    from .engine.config import config_from_dict
+    from ..engine.config import config_from_dict
 
     raw = plan.base.to_dict()
     raw.pop("losses", None)

@@ -1,7 +1,8 @@
 """Process-group set-up for torchrun (``torchrun --nproc_per_node=N -m cskd distill CONFIG``).
 
 One process per device. Without torchrun's environment variables everything here degrades to a single process,
-so the same engine code runs unchanged on a laptop, one GPU, or many.
+so the same engine code runs unchanged on a laptop, one GPU, or many. The tensor gathers the losses use (CKA over
+the global batch, CIRKD's memory queues) are here too, so that every collective of cskd lives in one module.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,6 @@ class DistEnv:
 def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """"auto" → this process's GPU if there is one, else the CPU; "cuda" → GPU ``local_rank`` (torchrun's);
     "cpu", "cuda:N" as given. A malformed name or a GPU that is not there is an error saying what to use."""
-    from ..errors import ConfigError
-
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -77,20 +79,53 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+# ------------------------------------------------------------------------------------------------ tensor gathers
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
+def world_size() -> int:
+    """The number of ranks when torch.distributed is initialised, else 1."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherSamples(torch.autograd.Function):
+    """all_gather along one dimension, differentiable. Backward sums the gradients of all ranks (each rank computes
+    the same global loss) and keeps this rank's slice, as ``torch.distributed.nn.functional.all_gather`` does (that
+    one is deprecated in recent torch and warns at every call); data-parallel averaging then yields the gradient of
+    the global loss."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, dim: int) -> Tensor:  # type: ignore[override]
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        ctx.dim, ctx.rank, ctx.size = dim, dist.get_rank(), t.shape[dim]
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size), None
+
+
+def gather_samples(t: Tensor) -> Tensor:
+    """The samples (dimension −2 of ``(..., B, D)``) of every rank, concatenated in rank order; differentiable.
+    Identity when torch.distributed is not initialised or has one rank. Every rank must hold the same B."""
+    if world_size() == 1:
+        return t
+    return _GatherSamples.apply(t, t.dim() - 2)
+
+
+@torch.no_grad()
+def all_gather_cat(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every rank along dim 0 (rank order); ``x`` itself without a process group.
+    Every rank must pass the same shape (the engine's per-device batch is fixed)."""
+    if world_size() == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim=0)
 
 
 def cleanup() -> None:
@@ -98,5 +133,5 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["DistEnv", "all_gather_objects", "all_reduce_mean", "barrier", "broadcast_object", "cleanup",
-           "init_distributed", "resolve_device"]
+__all__ = ["DistEnv", "all_gather_cat", "all_gather_objects", "barrier", "cleanup", "gather_samples", "init_distributed",
+           "resolve_device", "world_size"]

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine.config import ExperimentConfig, save_config
-from .engine.records import read_records
-from .errors import ConfigError, CskdError
+from ..engine.config import ExperimentConfig, save_config
+from ..engine.records import read_records
+from ..errors import ConfigError, CskdError
 
 FAILED_MARKER = "failed.json"
 
@@ -88,7 +88,7 @@ def read_run(cfg: ExperimentConfig, group: str) -> RunRecord:
 def run_one(cfg: ExperimentConfig, group: str, progress: bool = True, retry_failed: bool = False) -> RunRecord:
     """Train ``cfg`` unless its folder already holds the finished run; resume it if interrupted; record a failure
     instead of raising, so that the other runs of a set go on."""
-    from .engine.trainer import Trainer
+    from ..engine.trainer import Trainer
 
     run_dir = cfg.run_dir
     _check_same_config(cfg)
@@ -110,7 +110,7 @@ def run_one(cfg: ExperimentConfig, group: str, progress: bool = True, retry_fail
 
 def _check_same_config(cfg: ExperimentConfig) -> None:
     """A folder holding a run of another config must not be mistaken for this run (nor resumed as it)."""
-    from .engine.config import config_from_dict, read_yaml
+    from ..engine.config import config_from_dict, read_yaml
 
     saved = cfg.run_dir / "config.yaml"
     if not saved.exists():
@@ -203,8 +203,8 @@ def environment() -> dict[str, str]:
     import torch
     import torchvision
 
-    from . import __version__
-    from .timing import cpu_name
+    from .. import __version__
+    from ..timing import cpu_name
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
     return {"cskd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,

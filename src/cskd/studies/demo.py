@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from .engine.config import ExperimentConfig, config_from_dict
-from .errors import ConfigError
-from .experiments import (
+from ..engine.config import ExperimentConfig, config_from_dict
+from ..errors import ConfigError
+from .runs import (
     RunRecord, environment, fmt_pct, group_records, markdown_table, mean_std, plot_curves, run_one,
 )
-from .methods import METHODS
+from ..losses.methods import METHODS
 
 Pair = tuple[str, str]
 SHORT = {"resnet18": "R18", "resnet50": "R50", "resnet101": "R101", "mobilenetv2": "MobileNetV2"}
@@ -292,12 +292,12 @@ def _record_json(r: RunRecord) -> dict[str, Any]:
 def _panels(demo: DemoPlan, teacher: RunRecord, students: list[RunRecord], path: Path) -> Path | None:
     from PIL import Image
 
-    from .data import build_dataset, build_eval_transform
-    from .data.normalize import normalize
-    from .engine.distributed import resolve_device
-    from .evaluation import predict_logits
-    from .models.loading import load_model
-    from .outputs.maps import colorize, make_panel
+    from ..data import build_dataset, build_eval_transform
+    from ..data.normalize import normalize
+    from ..distributed import resolve_device
+    from ..evaluation import predict_logits
+    from ..checkpoints.loading import load_model
+    from ..outputs.maps import colorize, make_panel
 
     val = build_dataset("synthscapes", demo.data_root, "val", build_eval_transform())
     n = min(demo.preset.panels, len(val))

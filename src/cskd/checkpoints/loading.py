@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .checkpoint import extract_state_dict, load_weights, safe_load
-from .convert import from_official, is_official_layout, unwrap_state_dict
-from .segmentor import MODELS, Segmentor, build_from_spec, build_segmentor, canonical_model_name
+from ..models.segmentor import MODELS, Segmentor, build_from_spec, build_segmentor, canonical_model_name
+from .files import safe_load
+from .official import from_official, is_official_layout, unwrap_state_dict
+from .weights import extract_state_dict, load_weights
 
 
 @dataclass
