@@ -12,19 +12,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cskd.cli import main
-from cskd.errors import DataError
+from cskd.deploy import exporters as ex
+from cskd.deploy.export import export_model
+from cskd.deploy.graph import adaptive_avg_pool2d_portable
+from cskd.deploy.verification import Check, compare_outputs, verification_inputs
+from cskd.deploy.wrapper import GraphOptions, InferenceWrapper
+from cskd.errors import DataError, ExportError
 from cskd.models import build_segmentor
-from cskd.outputs import export as ex
-from cskd.outputs.export import (
-    Check,
-    ExportError,
-    GraphOptions,
-    InferenceWrapper,
-    adaptive_avg_pool2d_portable,
-    compare_outputs,
-    export_model,
-    verification_inputs,
-)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -242,7 +236,7 @@ def test_check_describe_reports_numbers() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bench_latency_cuda_tiny() -> None:
-    from cskd.outputs.latency import benchmark
+    from cskd.deploy.latency import benchmark
 
     results = benchmark([("pspnet", "resnet18")], [(64, 128)], ["eager", "compile"], device="cuda", warmup=2,
                         iters=3)

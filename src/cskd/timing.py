@@ -1,8 +1,9 @@
 """Timing device work: CUDA events around each call on a GPU (device work is asynchronous, so a host clock
-would time the launch), the host clock around each call on the CPU."""
+would time the launch), the host clock around each call on the CPU; and the environment a measurement records."""
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -61,4 +62,34 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-__all__ = ["MIN_TIMED", "cpu_name", "time_calls"]
+def environment(device: str | torch.device | None = None) -> dict[str, Any]:
+    """What the numbers were measured on: versions, the CPU, and the GPU when ``device`` is one (default: the first
+    GPU if there is one). Recorded by the latency benchmark and by every study's report."""
+    import torchvision
+
+    from . import __version__
+
+    if device is None:
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    env: dict[str, Any] = {
+        "cskd": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_name(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+__all__ = ["MIN_TIMED", "cpu_name", "environment", "time_calls"]

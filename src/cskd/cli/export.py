@@ -6,26 +6,21 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..outputs.export import (
-    DEFAULT_OPSET,
-    FORMATS,
-    GraphOptions,
-    Tolerance,
-    default_output_path,
-    describe_io,
-    export_model,
-)
-from ..outputs.latency import (
+from ..deploy.export import export_model
+from ..deploy.exporters import DEFAULT_OPSET, FORMATS, default_output_path
+from ..deploy.latency import (
     BACKENDS,
     DEFAULT_MODELS,
     benchmark,
-    environment,
     parse_backends,
     parse_models,
     parse_sizes,
     to_markdown,
     write_json,
 )
+from ..deploy.verification import Tolerance
+from ..deploy.wrapper import GraphOptions, describe_io
+from ..timing import environment
 from .evaluate import add_model_args, load_model, resolve_device
 
 # ------------------------------------------------------------------------------------------------ cskd export

@@ -9,14 +9,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.io import IMAGE_SUFFIXES, read_image
 from ..data.normalize import normalize
 from ..errors import ConfigError, DataError
 from ..evaluation import collate_eval, predict_logits
-from ..outputs.cityscapes import cityscapes_key, submission_filename, write_submission
-from ..outputs.maps import blend, colorize, colorize_rgb, default_palette, make_panel
+from ..outputs.cityscapes import cityscapes_key
+from ..outputs.maps import default_palette
+from ..outputs.writers import FORMATS, WRITERS, Predicted, WriteContext, output_path
 from .evaluate import (
     LoadedModel,
     add_inference_args,
@@ -31,9 +32,9 @@ from .evaluate import (
     resolve_device,
 )
 
-FORMATS = ("palette", "blend", "panel", "cityscapes-submission", "trainid")
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"})
 _CITYSCAPES_IDS = 19
+
+
 
 
 class ImageFiles(Dataset):
@@ -47,12 +48,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except OSError as e:
-            raise DataError(f"{path}: cannot read the image ({e})") from None
-        return {"image": torch.from_numpy(arr.copy()).permute(2, 0, 1), "name": path.stem, "index": index}
+        return {"image": read_image(path), "name": path.stem, "index": index}
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -79,10 +75,6 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
                             "file stem into one folder, so predict them into separate --out folders")
         stems[p.stem] = p
     return unique
-
-
-def output_path(out_dir: Path, fmt: str, name: str) -> Path:
-    return out_dir / (submission_filename(name) if fmt == "cityscapes-submission" else f"{name}.png")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -212,35 +204,17 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
+    write = WRITERS[args.format]
+    ctx = WriteContext(palette, args.alpha, loaded.label,
+                       teacher=(lambda image: predict(tnet, image)) if tnet is not None else None,
+                       teacher_label=teacher.label if teacher is not None else "")
     written = 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc="predict", unit="img", disable=args.no_progress, dynamic_ncols=True):
             image = batch["image"] if isinstance(batch["image"], torch.Tensor) else batch["image"][0][None]
             name = str(batch["name"][0])
-            pred = predict(net, image)
-            path = output_path(args.out, args.format, name)
-            if args.format == "cityscapes-submission":
-                write_submission(pred, name, args.out)
-            elif args.format == "trainid":
-                Image.fromarray(pred).save(path)
-            elif args.format == "palette":
-                colorize(pred, palette).save(path)
-            else:
-                rgb = image[0].permute(1, 2, 0).numpy()
-                if args.format == "blend":
-                    blend(rgb, pred, palette, alpha=args.alpha).save(path)
-                else:
-                    tiles, titles = [rgb], ["image"]
-                    mask = batch.get("mask")
-                    if mask is not None:
-                        tiles.append(colorize_rgb(mask[0], palette))
-                        titles.append("ground truth")
-                    tiles.append(colorize_rgb(pred, palette))
-                    titles.append(f"prediction ({loaded.label})")
-                    if tnet is not None:
-                        tiles.append(colorize_rgb(predict(tnet, image), palette))
-                        titles.append(f"teacher ({teacher.label})")  # type: ignore[union-attr]
-                    make_panel(tiles, titles).save(path)
+            item = Predicted(name, image, predict(net, image), batch.get("mask"))
+            write(output_path(args.out, args.format, name), item, ctx)
             written += 1
     print(f"wrote {written} file(s) to {args.out}")
     if args.format == "cityscapes-submission":
@@ -248,4 +222,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["FORMATS", "ImageFiles", "find_images", "output_path", "register", "run"]
+__all__ = ["ImageFiles", "find_images", "register", "run"]

@@ -26,6 +26,10 @@ except ImportError:  # a torchvision without the (deprecated) decoders
     decode_image = None
 
 
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"})
+"""The file endings searched for when a folder of images is given (``cskd predict``, ``cskd export --verify-images``)."""
+
+
 def _tv_decode(data: torch.Tensor, rgb: bool) -> torch.Tensor | None:
     """torchvision's decode, or None when it is unavailable or refuses the bytes (Pillow then decides)."""
     if decode_image is None:
@@ -49,7 +53,7 @@ def _pil_open(path: Path, what: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         if im is not None:
             im.close()
-        raise DataError(f"{path}: cannot decode {what} ({e}); the file is corrupt, truncated or not an image") from None
+        raise DataError(f"{path}: cannot read {what} ({e}); the file is corrupt, truncated or not an image") from None
 
 
 def _read_bytes(path: Path, what: str) -> torch.Tensor:
@@ -108,4 +112,4 @@ def map_label(raw: np.ndarray, table: LabelTable, path: str | Path) -> np.ndarra
     return np.take(table.to_train, raw)
 
 
-__all__ = ["map_label", "read_image", "read_label"]
+__all__ = ["IMAGE_SUFFIXES", "map_label", "read_image", "read_label"]

@@ -1,7 +1,6 @@
-"""Prediction maps, Cityscapes submission files, and model export.
+"""What a prediction is written as: palette maps, overlays, panels, Cityscapes submission files.
 
-Only modules built on the core dependencies (numpy, Pillow, torch) are imported here; the export module, which
-needs optional packages, is imported on use (``from cskd.outputs import export``).
+Model export (ONNX / TorchScript) and its latency benchmark are :mod:`cskd.deploy`.
 """
 
 from .cityscapes import cityscapes_key, submission_filename, train_ids_to_label_ids, write_submission

@@ -27,10 +27,11 @@ from typing import Any
 
 from ..engine.config import ExperimentConfig, load_config
 from ..errors import ConfigError
-from .runs import (
-    RunRecord, environment, fmt_pct, group_records, markdown_table, mean_std, plot_curves, run_one,
-)
 from ..losses.methods import METHODS
+from ..timing import environment
+from .runs import (
+    RunRecord, fmt_pct, group_records, markdown_table, mean_std, plot_curves, run_one,
+)
 
 BUDGETS = ("iterations", "time")
 

@@ -19,10 +19,11 @@ import torch
 
 from ..engine.config import ExperimentConfig, config_from_dict
 from ..errors import ConfigError
-from .runs import (
-    RunRecord, environment, fmt_pct, group_records, markdown_table, mean_std, plot_curves, run_one,
-)
 from ..losses.methods import METHODS
+from ..timing import environment
+from .runs import (
+    RunRecord, fmt_pct, group_records, markdown_table, mean_std, plot_curves, run_one,
+)
 
 Pair = tuple[str, str]
 SHORT = {"resnet18": "R18", "resnet50": "R50", "resnet101": "R101", "mobilenetv2": "MobileNetV2"}
@@ -295,8 +296,8 @@ def _panels(demo: DemoPlan, teacher: RunRecord, students: list[RunRecord], path:
     from ..data import build_dataset, build_eval_transform
     from ..data.normalize import normalize
     from ..distributed import resolve_device
-    from ..evaluation import predict_logits
     from ..checkpoints.loading import load_model
+    from ..evaluation import predict_logits
     from ..outputs.maps import colorize, make_panel
 
     val = build_dataset("synthscapes", demo.data_root, "val", build_eval_transform())

@@ -197,19 +197,5 @@ def plot_curves(
     return path
 
 
-def environment() -> dict[str, str]:
-    import platform
-
-    import torch
-    import torchvision
-
-    from .. import __version__
-    from ..timing import cpu_name
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
-    return {"cskd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version(), "device": device}
-
-
-__all__ = ["RunRecord", "environment", "fmt_pct", "group_records", "is_finished", "markdown_table", "mean_std",
+__all__ = ["RunRecord", "fmt_pct", "group_records", "is_finished", "markdown_table", "mean_std",
            "plot_curves", "read_run", "run_one"]

@@ -1,7 +1,7 @@
 """Per-image latency and throughput of a segmentor's inference graph: PyTorch eager, ``torch.compile``d, and
 ONNX Runtime on the CPU.
 
-What is timed is the graph ``cskd export`` writes (:class:`cskd.outputs.export.InferenceWrapper`: uint8 image in,
+What is timed is the graph ``cskd export`` writes (:class:`cskd.deploy.wrapper.InferenceWrapper`: uint8 image in,
 logits at the input size out, by default), batch 1, with the input already on the device: the cost of the model
 and its resize, not of decoding or copying the image. Weights are random: latency does not depend on them.
 
@@ -15,8 +15,6 @@ at batch 1.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -30,10 +28,12 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..evaluation.inference import resolve_amp
-from ..timing import cpu_name, time_calls
+from ..timing import time_calls
 from ..models import Segmentor, build_segmentor, model_info
 from ..models.segmentor import canonical_model_name
-from .export import GraphOptions, InferenceWrapper, export_onnx, inference_copy, onnx_runner
+from .exporters import export_onnx, onnx_runner
+from .graph import inference_copy
+from .wrapper import GraphOptions, InferenceWrapper
 
 BACKENDS: tuple[str, ...] = ("eager", "compile", "onnxruntime")
 DEFAULT_MODELS: tuple[str, ...] = ("deeplabv3:resnet18", "deeplabv3:mobilenetv2", "pspnet:resnet18")
@@ -233,27 +233,6 @@ def benchmark(
     return results
 
 
-def environment(device: str | torch.device) -> dict[str, Any]:
-    """What the numbers were measured on."""
-    env: dict[str, Any] = {
-        "torch": torch.__version__,
-        "cpu": cpu_name(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-    try:
-        import onnxruntime
-
-        env["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    if torch.device(device).type == "cuda" and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
-        env["cuda"] = torch.version.cuda
-    return env
-
-
 def _model_label(r: LatencyResult) -> str:
     names = {"deeplabv3": "DeepLabV3", "pspnet": "PSPNet"}
     backbones = {"resnet18": "R18", "resnet101": "R101", "mobilenetv2": "MobileNetV2"}
@@ -284,6 +263,6 @@ def write_json(path: str | Path, results: Sequence[LatencyResult], env: dict[str
 
 
 __all__ = [
-    "BACKENDS", "DEFAULT_MODELS", "LatencyResult", "benchmark", "environment", "parse_backends", "parse_models",
+    "BACKENDS", "DEFAULT_MODELS", "LatencyResult", "benchmark", "parse_backends", "parse_models",
     "parse_sizes", "time_calls", "to_markdown", "write_json",
 ]
