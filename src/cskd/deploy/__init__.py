@@ -5,7 +5,8 @@
 - :mod:`cskd.deploy.exporters`     ONNX / TorchScript writers, and runners that load the files back
 - :mod:`cskd.deploy.verification`  the exported model against eager PyTorch: inputs, comparison, tolerance
 - :mod:`cskd.deploy.export`        the whole job (``cskd export``): rewrite, write, verify, keep or remove
-- :mod:`cskd.deploy.latency`       per-image latency of the graph: eager, compiled, ONNX Runtime (``cskd bench-latency``)
+- :mod:`cskd.deploy.latency`       per-image latency of the graph: eager, compiled, ONNX Runtime
+  (``cskd bench-latency``)
 
 Nothing is imported here: the exporters need optional packages (``pip install 'cskd[onnx]'``).
 """

@@ -104,10 +104,11 @@ def export_torchscript(
     return path
 
 
-Runner = Callable[[Tensor], Tensor]
+GraphRunner = Callable[[Tensor], Tensor]
+"""An exported file loaded back: input tensor in, output tensor out."""
 
 
-def onnx_runner(path: str | Path) -> Runner:
+def onnx_runner(path: str | Path) -> GraphRunner:
     """Run an exported ONNX file with onnxruntime on the CPU: tensor in, tensor out."""
     ort = _require("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -118,7 +119,7 @@ def onnx_runner(path: str | Path) -> Runner:
     return run
 
 
-def torchscript_runner(path: str | Path) -> Runner:
+def torchscript_runner(path: str | Path) -> GraphRunner:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)
         module = torch.jit.load(str(path), map_location="cpu")
@@ -130,9 +131,9 @@ def torchscript_runner(path: str | Path) -> Runner:
     return run
 
 
-def load_runner(path: str | Path, fmt: ExportFormat) -> Runner:
+def load_runner(path: str | Path, fmt: ExportFormat) -> GraphRunner:
     return onnx_runner(path) if fmt == "onnx" else torchscript_runner(path)
 
 
-__all__ = ["DEFAULT_OPSET", "ExportFormat", "FORMATS", "MIN_OPSET", "Runner", "SUFFIXES", "default_output_path",
+__all__ = ["DEFAULT_OPSET", "ExportFormat", "FORMATS", "GraphRunner", "MIN_OPSET", "SUFFIXES", "default_output_path",
            "export_onnx", "export_torchscript", "load_runner", "onnx_runner", "torchscript_runner"]

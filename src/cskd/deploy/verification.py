@@ -15,7 +15,7 @@ from torchvision.transforms.v2.functional import resize
 from ..data.io import IMAGE_SUFFIXES, read_image
 from ..data.normalize import normalize
 from ..errors import DataError, first_line
-from .exporters import Runner
+from .exporters import GraphRunner
 from .wrapper import LABEL_DTYPES, GraphOptions, InferenceWrapper
 
 
@@ -158,7 +158,7 @@ def verification_inputs(
 
 
 def verify(
-    runner: Runner,
+    runner: GraphRunner,
     reference: InferenceWrapper,
     inputs: Sequence[tuple[str, Tensor]],
     tolerance: Tolerance = Tolerance(),

@@ -4,11 +4,11 @@ from .config import (
     BudgetConfig, DataConfig, EvalConfig, ExperimentConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict,
     load_config,
 )
-from .step import TrainStep, segmentation_ce
+from .step import StepModule, segmentation_ce
 from .runner import StepRunner
 from .trainer import TrainResult, Trainer, train
 
 __all__ = [
     "BudgetConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "LossConfig", "ModelConfig", "TrainConfig",
-    "StepRunner", "TrainResult", "TrainStep", "Trainer", "config_from_dict", "load_config", "segmentation_ce", "train",
+    "StepModule", "StepRunner", "TrainResult", "Trainer", "config_from_dict", "load_config", "segmentation_ce", "train",
 ]

@@ -102,7 +102,7 @@ class BudgetConfig:
     gpu_seconds: float | None = None
     warmup_steps: int = 5
     calibration_steps: int = 50
-    """Enough to average out the jitter of launch-bound steps of 20-50 ms (20 were not: docs/results-budget.md)."""
+    """Enough to average out the jitter of launch-bound steps (docs/benchmarks.md, "Time budgets")."""
 
     def __post_init__(self) -> None:
         if self.iterations is None and self.gpu_seconds is None:

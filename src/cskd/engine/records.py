@@ -17,6 +17,11 @@ from tqdm.auto import tqdm
 
 
 class RunRecorder:
+    """The one writer of a run's ``log.jsonl`` (and of its TensorBoard events and progress bar).
+
+    ``start`` is the iteration the run continues from: records a killed run wrote after it (past its last
+    checkpoint) are dropped; a fresh run (``start`` 0) starts a new file."""
+
     def __init__(self, run_dir: Path, enabled: bool, total: int, start: int, progress: bool, tensorboard: bool = True):
         self.enabled = enabled
         self.path = run_dir / "log.jsonl"
@@ -25,6 +30,11 @@ class RunRecorder:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        if start:
+            kept = [r for r in read_records(self.path) if r.get("iteration", 0) <= start]
+            self.path.write_text("".join(_json_line(r) for r in kept))
+        elif self.path.exists():
+            self.path.unlink()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -39,13 +49,21 @@ class RunRecorder:
     def write(self, kind: str, iteration: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"kind": kind, "iteration": iteration, "time": time.time(), **values}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, default=_jsonable) + "\n")
+        self._append(kind, iteration, values)
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(f"{kind}/{k}", v, iteration)
+
+    def write_summary(self, iteration: int, values: dict[str, Any]) -> None:
+        """The run's closing record, in ``log.jsonl`` only (may come after :meth:`close`)."""
+        if self.enabled:
+            self._append("summary", iteration, values)
+
+    def _append(self, kind: str, iteration: int, values: dict[str, Any]) -> None:
+        record = {"kind": kind, "iteration": iteration, "time": time.time(), **values}
+        with self.path.open("a") as f:
+            f.write(_json_line(record))
 
     def advance(self, n: int, postfix: dict[str, Any] | None = None) -> None:
         if self._bar is not None:
@@ -67,6 +85,10 @@ class RunRecorder:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, default=_jsonable) + "\n"
 
 
 def _jsonable(v: Any) -> Any:

@@ -28,7 +28,7 @@ from ..models import build_segmentor
 from ..models.fusion import fold_batchnorm_
 from ..models.segmentor import SegOutput, Segmentor
 from .config import ExperimentConfig
-from .step import TrainStep
+from .step import StepModule
 
 
 class PolyDecay:
@@ -53,47 +53,47 @@ class StepRunner:
         self, cfg: ExperimentConfig, num_classes: int, env: DistEnv, batch_per_device: int,
         with_teacher: bool | None = None,
     ) -> None:
-        """``with_teacher`` defaults to "the config lists distillation losses"; the benchmark sets it to time the
-        teacher's forward alone."""
+        """``with_teacher`` (build and run the teacher) defaults to ``cfg.is_distillation``; the benchmark sets it
+        to time the teacher's forward alone."""
         self.cfg = cfg
-        self.with_teacher = bool(cfg.losses) if with_teacher is None else with_teacher
+        self.with_teacher = cfg.is_distillation if with_teacher is None else with_teacher
         self.env = env
         self.device = env.device
         self.num_classes = num_classes
         self.batch_per_device = batch_per_device
-        t = cfg.train
-        self.amp_dtype = resolve_amp(t.amp, self.device)
+        train_cfg = cfg.train
+        self.amp_dtype = resolve_amp(train_cfg.amp, self.device)
         if self.amp_dtype == torch.float16 and self.device.type != "cuda":
             raise ConfigError("train.amp=fp16 needs CUDA; use bf16 or none on the CPU")
-        self.channels_last = t.channels_last and self.device.type == "cuda"
+        self.channels_last = train_cfg.channels_last and self.device.type == "cuda"
         self._build_models()
         params = [p for p in self.step_module.parameters() if p.requires_grad]
         # One fused kernel for the whole update on CUDA instead of a few per parameter tensor.
-        self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                                         fused=self.device.type == "cuda")
+        self.optimizer = torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum,
+                                         weight_decay=train_cfg.weight_decay, fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.set_schedule(t.budget.iterations or 1)
+        self.set_schedule(train_cfg.budget.iterations or 1)
 
     # ------------------------------------------------------------------------------------------------ building
 
     def _build_models(self) -> None:
-        cfg, t = self.cfg, self.cfg.train
-        m = cfg.model
-        student = build_segmentor(m.model, m.backbone, self.num_classes, m.aux)
-        if m.pretrained_base:
-            load_backbone_weights(student, m.pretrained_base)
-        if m.weights:
-            load_weights(student, m.weights)
+        cfg, train_cfg = self.cfg, self.cfg.train
+        model_cfg = cfg.model
+        student = build_segmentor(model_cfg.model, model_cfg.backbone, self.num_classes, model_cfg.aux)
+        if model_cfg.pretrained_base:
+            load_backbone_weights(student, model_cfg.pretrained_base)
+        if model_cfg.weights:
+            load_weights(student, model_cfg.weights)
 
         self.teacher: Segmentor | None = None
         losses: dict[str, DistillLoss] = {}
         if self.with_teacher:
             if cfg.teacher is None:
                 raise ConfigError("distillation needs a 'teacher' block")
-            tm = cfg.teacher
-            teacher = build_segmentor(tm.model, tm.backbone, self.num_classes, aux=False)
-            if tm.weights:
-                load_teacher_weights(teacher, tm.weights)
+            teacher_cfg = cfg.teacher
+            teacher = build_segmentor(teacher_cfg.model, teacher_cfg.backbone, self.num_classes, aux=False)
+            if teacher_cfg.weights:
+                load_teacher_weights(teacher, teacher_cfg.weights)
             teacher.eval().requires_grad_(False)
             # Frozen: its BatchNorms become part of the convs (exact), and its weights are stored in the autocast
             # dtype so no step re-casts them.
@@ -108,8 +108,8 @@ class StepRunner:
                 )
             self._check_batch_requirements(losses)
 
-        step = TrainStep(student, losses, aux_weight=t.aux_weight).to(self.device)
-        if self.env.distributed and t.sync_bn and self.device.type == "cuda":
+        step = StepModule(student, losses, aux_weight=train_cfg.aux_weight).to(self.device)
+        if self.env.distributed and train_cfg.sync_bn and self.device.type == "cuda":
             # Batch statistics over all GPUs (PyTorch's SyncBatchNorm is CUDA-only); the losses' own BN layers too
             # (CIRKD's projection head), as published.
             step = nn.SyncBatchNorm.convert_sync_batchnorm(step)
@@ -118,9 +118,9 @@ class StepRunner:
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
         self.cudagraphs = False
-        if t.compile or (t.compile is None and self.device.type == "cuda"):
-            mode = None if t.compile_mode == "default" else t.compile_mode
-            loss_mode = t.loss_compile_mode or t.compile_mode
+        if train_cfg.compile or (train_cfg.compile is None and self.device.type == "cuda"):
+            mode = None if train_cfg.compile_mode == "default" else train_cfg.compile_mode
+            loss_mode = train_cfg.loss_compile_mode or train_cfg.compile_mode
             loss_mode = None if loss_mode == "default" else loss_mode
             step.model.compile(mode=mode)
             if self.teacher is not None:
@@ -135,9 +135,9 @@ class StepRunner:
             # No buffer broadcast at every forward: memory-bank queues (hundreds of MB for CIRKD) are kept identical
             # by the losses themselves, and BN statistics are synchronised by SyncBatchNorm on GPUs and by
             # sync_buffers() at evaluation and checkpoint points.
-            self.train_module: nn.Module = DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False)
+            self._forward: nn.Module = DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False)
         else:
-            self.train_module = step
+            self._forward = step  # the step module as called: wrapped in DDP when data-parallel
 
     def _check_batch_requirements(self, losses: dict[str, DistillLoss]) -> None:
         for name, loss in losses.items():
@@ -190,7 +190,7 @@ class StepRunner:
             torch.compiler.cudagraph_mark_step_begin()
         teacher_out = self.teacher_forward(x)
         with self.autocast():
-            total, terms = self.train_module(x, masks, teacher_out)
+            total, terms = self._forward(x, masks, teacher_out)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)

@@ -63,7 +63,10 @@ def segmentation_ce(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
 
 
-class TrainStep(nn.Module):
+class StepModule(nn.Module):
+    """The forward of one training step: the student and every loss term (what :class:`~cskd.engine.runner.StepRunner`
+    calls at each :meth:`~cskd.engine.runner.StepRunner.step`)."""
+
     def __init__(self, model: Segmentor, losses: Mapping[str, DistillLoss] | None = None, aux_weight: float = 0.4):
         super().__init__()
         self.model = model
@@ -90,4 +93,4 @@ class TrainStep(nn.Module):
         return total, terms
 
 
-__all__ = ["TrainStep", "segmentation_ce", "upsample_bilinear"]
+__all__ = ["StepModule", "segmentation_ce", "upsample_bilinear"]

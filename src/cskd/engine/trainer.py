@@ -11,7 +11,6 @@ its terms, and training stops before any checkpoint could be overwritten with br
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -130,24 +129,25 @@ class Trainer:
         self.device = self.env.device
         self.run_dir = cfg.run_dir
         self.progress = progress
-        t = cfg.train
-        if t.batch_size % self.env.world_size:
+        train_cfg = cfg.train
+        if train_cfg.batch_size % self.env.world_size:
             raise ConfigError(
-                f"train.batch_size={t.batch_size} is the total over {self.env.world_size} processes and must divide "
-                "evenly among them"
+                f"train.batch_size={train_cfg.batch_size} is the total over {self.env.world_size} processes and must "
+                "divide evenly among them"
             )
-        self.batch_per_device = t.batch_size // self.env.world_size
+        self.batch_per_device = train_cfg.batch_size // self.env.world_size
 
         self._configure_backends()
         resume_path = self._resume_path(resume, overwrite)
 
-        _set_seed(t.seed)  # identical initialisation on every rank
+        _set_seed(train_cfg.seed)  # identical initialisation on every rank
+        self.batches_per_epoch: int | None = None  # known once the first training loader is built
         self._build_data()
         self.runner = StepRunner(cfg, self.num_classes, self.env, self.batch_per_device)
         self.student = self.runner.student
         self.step_module = self.runner.step_module
         self.amp_dtype = self.runner.amp_dtype
-        _set_seed(t.seed * 1000 + self.env.rank + 1)  # per-rank dropout / random projections
+        _set_seed(train_cfg.seed * 1000 + self.env.rank + 1)  # per-rank dropout / random projections
 
         self.iteration = 0
         self.train_seconds = 0.0
@@ -157,42 +157,59 @@ class Trainer:
         self.checkpoint_seconds = 0.0
         self.best_miou: float | None = None
         self.best_iteration: int | None = None
-        self.step_seconds: float | None = None
-        self.total_iterations = t.budget.iterations
+        self.last_metrics: SegMetrics | None = None
+        self.resumed_from: Path | None = None
+        self._step_seconds: float | None = None
+        self.total_iterations = train_cfg.budget.iterations
         if resume_path is not None:
             self._load_checkpoint(resume_path)
-        if self.total_iterations is None:
-            b = t.budget
-            assert b.gpu_seconds is not None
-            # The budget is spent on the loop, not on bare steps: the calibration runs the loop's per-step
-            # bookkeeping (at launch-bound step sizes its few kernels are a measurable share) on batches from the
-            # training loader. Timed on a batch kept in memory, a 300-iteration baseline on the H100 ran 10-25 %
-            # over its budget (docs/results-budget.md). The warm-up drains the queue the workers fill at start-up,
-            # so that the timed steps see the loader's steady pace.
-            tally = StepTally(self.device)
-            loader = self._make_train_loader(0)
-            batches = iter(loader)
-            self.step_seconds = self.runner.calibrate(
-                batches, max(b.warmup_steps, cfg.data.workers * PREFETCH_BATCHES), b.calibration_steps,
-                after_step=lambda loss, terms: tally.add(1, loss, terms))
-            del batches, loader  # its workers stop now, before the run starts its own
-            self.total_iterations = max(1, int(b.gpu_seconds / self.step_seconds))
-            self.runner.set_schedule(self.total_iterations)
-        self.planned_seconds = (
-            self.step_seconds * self.total_iterations if self.step_seconds is not None else None
-        )
+
+    # ------------------------------------------------------------------------------------------------ the budget
+
+    @property
+    def step_seconds(self) -> float | None:
+        """For a time budget: the calibrated time of one iteration (the calibration runs on first need)."""
+        self.plan_budget()
+        return self._step_seconds
+
+    @property
+    def planned_seconds(self) -> float | None:
+        """For a time budget: the calibrated step time × the planned iterations."""
+        seconds = self.step_seconds
+        return seconds * self.total_iterations if seconds is not None and self.total_iterations else None
+
+    def plan_budget(self) -> None:
+        """Fix the iteration count of a time budget (``train.budget.gpu_seconds``) from a timed calibration, and the
+        LR schedule with it. Nothing to do for an iteration budget, or when planned already (or resumed).
+
+        The budget is spent on the loop, not on bare steps, so the calibration runs the loop's per-step bookkeeping
+        on batches from the training loader; its warm-up drains the queue the workers fill at start-up, so that the
+        timed steps see the loader's steady pace (docs/benchmarks.md, "Time budgets")."""
+        if self.total_iterations is not None:
+            return
+        budget = self.cfg.train.budget
+        assert budget.gpu_seconds is not None
+        tally = StepTally(self.device)
+        loader = self._make_train_loader(0)
+        batches = iter(loader)
+        self._step_seconds = self.runner.calibrate(
+            batches, max(budget.warmup_steps, self.cfg.data.workers * PREFETCH_BATCHES), budget.calibration_steps,
+            after_step=lambda loss, terms: tally.add(1, loss, terms))
+        del batches, loader  # its workers stop now, before the run starts its own
+        self.total_iterations = max(1, int(budget.gpu_seconds / self._step_seconds))
+        self.runner.set_schedule(self.total_iterations)
 
     # ------------------------------------------------------------------------------------------------ set-up
 
     def _configure_backends(self) -> None:
-        t = self.cfg.train
-        if t.deterministic:
+        train_cfg = self.cfg.train
+        if train_cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
         elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = t.cudnn_benchmark
+            torch.backends.cudnn.benchmark = train_cfg.cudnn_benchmark
 
     def _resume_path(self, resume: str | None, overwrite: bool) -> Path | None:
         last = self.run_dir / "last.pt"
@@ -213,26 +230,28 @@ class Trainer:
     def _build_data(self) -> None:
         from ..data import build_dataset, build_eval_transform, build_train_transform
 
-        d = self.cfg.data
-        if d.synthetic is not None:
+        data_cfg = self.cfg.data
+        if data_cfg.synthetic is not None:
             from ..data.synthetic import ensure
 
             if self.env.is_main:
-                g = d.synthetic
-                ensure(d.root, g.train, g.val, g.size, g.seed)
+                synth = data_cfg.synthetic
+                ensure(data_cfg.root, synth.train, synth.val, synth.size, synth.seed)
             barrier()
-        train_ds = build_dataset(d.dataset, d.root, d.train_split, skip_bad=d.skip_bad)
-        transform = build_train_transform(d.crop_size, d.scale_range, d.hflip)
+        train_ds = build_dataset(data_cfg.dataset, data_cfg.root, data_cfg.train_split, skip_bad=data_cfg.skip_bad)
+        transform = build_train_transform(data_cfg.crop_size, data_cfg.scale_range, data_cfg.hflip)
         self.train_set = SeededSamples(train_ds, transform, self.cfg.train.seed)
         self.dataset_info = train_ds.info
         self.num_classes = train_ds.num_classes
-        self.val_set = build_dataset(d.dataset, d.root, d.val_split, build_eval_transform(), skip_bad=d.skip_bad)
+        self.val_set = build_dataset(data_cfg.dataset, data_cfg.root, data_cfg.val_split, build_eval_transform(),
+                                     skip_bad=data_cfg.skip_bad)
         self._val: DataLoader | None = None  # built at the first validation (see _val_loader)
         if not self.val_set.has_labels:
-            raise ConfigError(f"data.val_split={d.val_split!r} of {d.dataset} has no labels to validate against")
+            raise ConfigError(f"data.val_split={data_cfg.val_split!r} of {data_cfg.dataset} has no labels to "
+                              "validate against")
 
     def _make_train_loader(self, start_batch: int) -> DataLoader:
-        d = self.cfg.data
+        data_cfg = self.cfg.data
         sampler = SeededBatchSampler(
             len(self.train_set), self.batch_per_device, self.cfg.train.seed, self.env.rank, self.env.world_size,
             start_batch=start_batch,
@@ -242,10 +261,10 @@ class Trainer:
             self.train_set,
             batch_sampler=sampler,
             generator=torch.Generator().manual_seed(self.cfg.train.seed),  # keeps the global RNG untouched
-            num_workers=d.workers,
+            num_workers=data_cfg.workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=d.workers > 0,
-            prefetch_factor=PREFETCH_BATCHES if d.workers > 0 else None,
+            persistent_workers=data_cfg.workers > 0,
+            prefetch_factor=PREFETCH_BATCHES if data_cfg.workers > 0 else None,
         )
 
     def _val_loader(self) -> DataLoader:
@@ -254,13 +273,13 @@ class Trainer:
         return self._val
 
     def _make_val_loader(self) -> DataLoader:
-        e = self.cfg.eval
-        n = len(self.val_set) if e.max_images is None else min(e.max_images, len(self.val_set))
+        eval_cfg = self.cfg.eval
+        n = len(self.val_set) if eval_cfg.max_images is None else min(eval_cfg.max_images, len(self.val_set))
         shard = Subset(self.val_set, list(range(self.env.rank, n, self.env.world_size)))
         workers = min(self.cfg.data.workers, 4)
         # Built once and kept (persistent workers): a run validates every few hundred steps, and starting the
         # workers anew each time costs more than a short validation itself.
-        return DataLoader(shard, batch_size=e.batch_size, shuffle=False, num_workers=workers,
+        return DataLoader(shard, batch_size=eval_cfg.batch_size, shuffle=False, num_workers=workers,
                           pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0),
                           persistent_workers=workers > 0)
 
@@ -277,7 +296,7 @@ class Trainer:
             "scaler": self.runner.scaler.state_dict(),
             "iteration": self.iteration,
             "total_iterations": self.total_iterations,
-            "step_seconds": self.step_seconds,
+            "step_seconds": self._step_seconds,
             "train_seconds": self.train_seconds,
             "warmup_seconds": self.warmup_seconds,
             "warmup_steps": self.warmup_steps,
@@ -328,7 +347,7 @@ class Trainer:
         self.runner.scheduler.load_state_dict(ckpt["scheduler"])
         self.runner.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
-        self.step_seconds = ckpt.get("step_seconds")
+        self._step_seconds = ckpt.get("step_seconds")
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
         self.warmup_seconds = float(ckpt.get("warmup_seconds", 0.0))
         self.warmup_steps = int(ckpt.get("warmup_steps", 0))
@@ -348,12 +367,13 @@ class Trainer:
     def evaluate(self) -> SegMetrics:
         from ..evaluation import evaluate
 
-        e = self.cfg.eval
+        eval_cfg = self.cfg.eval
         start = time.perf_counter()
         self.runner.sync_buffers()
         metrics = evaluate(
             self.student, self._val_loader(), num_classes=self.num_classes, device=self.device,
-            mode=e.mode, crop_size=e.crop_size, stride=e.stride, scales=e.scales, flip=e.flip,
+            mode=eval_cfg.mode, crop_size=eval_cfg.crop_size, stride=eval_cfg.stride, scales=eval_cfg.scales,
+            flip=eval_cfg.flip,
             amp_dtype=self.amp_dtype, progress=False,
         )
         self.eval_seconds += time.perf_counter() - start
@@ -362,114 +382,133 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the loop
 
     def fit(self) -> TrainResult:
-        cfg, t = self.cfg, self.cfg.train
-        total = self.total_iterations
-        assert total is not None
-        main = self.env.is_main
-        if main:
+        """Plan the budget, open the run's records, train, then sum the run up."""
+        self.plan_budget()
+        recorder = self._open_records()
+        try:
+            self._train(recorder)
+        finally:
+            recorder.close()
+            self._val = None  # stops the validation workers now, not whenever the Trainer is collected
+        result = self._result()
+        if self.env.is_main:
+            self._write_summary(recorder, result)
+        return result
+
+    def _open_records(self) -> RunRecorder:
+        """The run folder with its config, and the recorder of ``log.jsonl`` (continued after the iteration resumed
+        from), opened with the run's banner."""
+        cfg = self.cfg
+        if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            if self.iteration:  # drop records a killed run wrote after its last checkpoint
-                kept = [r for r in read_records(self.run_dir / "log.jsonl") if r.get("iteration", 0) <= self.iteration]
-                (self.run_dir / "log.jsonl").write_text("".join(_json_line(r) for r in kept))
-            elif (self.run_dir / "log.jsonl").exists():
-                (self.run_dir / "log.jsonl").unlink()
-        rec = RunRecorder(self.run_dir, main, total, self.iteration, self.progress)
-        if main:
-            rec.message(self._banner())
-            if self.runner.teacher is not None and cfg.teacher is not None and not cfg.teacher.weights:
-                rec.message("warning: the teacher has random weights (teacher.weights is not set)")
-        if self.step_seconds is not None and main and self.iteration == 0:
-            rec.write("budget", 0, {"gpu_seconds": t.budget.gpu_seconds, "step_seconds": self.step_seconds,
-                                    "planned_iterations": total})
+        assert self.total_iterations is not None
+        recorder = RunRecorder(self.run_dir, self.env.is_main, self.total_iterations, self.iteration, self.progress)
+        recorder.message(self._banner())
+        if self.runner.teacher is not None and cfg.teacher is not None and not cfg.teacher.weights:
+            recorder.message("warning: the teacher has random weights (teacher.weights is not set)")
+        if self._step_seconds is not None and self.iteration == 0:
+            recorder.write("budget", 0, {"gpu_seconds": cfg.train.budget.gpu_seconds,
+                                         "step_seconds": self._step_seconds,
+                                         "planned_iterations": self.total_iterations})
+        return recorder
 
-        val_every = max(1, total // t.val_points) if t.val_points else t.val_every
-        loader = self._make_train_loader(self.iteration)
-        data = iter(_infinite(loader))
+    def _train(self, recorder: RunRecorder) -> None:
+        """Steps until the budget is spent. Values stay on the device between sync points (logging, validation,
+        saving), where they are read once."""
+        train_cfg = self.cfg.train
+        total = self.total_iterations
+        assert total is not None
+        val_every = max(1, total // train_cfg.val_points) if train_cfg.val_points else train_cfg.val_every
+        batches = iter(_infinite(self._make_train_loader(self.iteration)))
         self.step_module.train()
         tally = StepTally(self.device)
+        first = self.iteration
         window_start = time.perf_counter()
-        first_step = True
-        try:
-            while self.iteration < total:
-                batch = next(data)
-                loss, terms = self.runner.step(*self.runner.prepare(batch))
-                self.iteration += 1
-                it = self.iteration
-                if first_step:
-                    # The first step of a process pays for compilation and cuDNN autotuning: timed on its own and
-                    # kept out of the training time, so runs compare by their steady step cost.
-                    self.runner.sync()
-                    self.warmup_seconds += time.perf_counter() - window_start
-                    self.warmup_steps += 1
-                    window_start = time.perf_counter()
-                    first_step = False
-                tally.add(it, loss, terms)
+        while self.iteration < total:
+            loss, terms = self.runner.step(*self.runner.prepare(next(batches)))
+            self.iteration += 1
+            it = self.iteration
+            if it == first + 1:
+                window_start = self._time_first_step(window_start)
+            tally.add(it, loss, terms)
+            at_log = it % train_cfg.log_every == 0 or it == total
+            at_save = it % train_cfg.save_every == 0 or it == total
+            at_val = it % val_every == 0 or it == total
+            if not (at_log or at_save or at_val):
+                continue
+            self.runner.sync()
+            self.train_seconds += time.perf_counter() - window_start
+            self._log_interval(recorder, tally)
+            if at_val:
+                self._validate(recorder)
+            if at_save:
+                self.save("last.pt")
+            window_start = time.perf_counter()
 
-                at_log = it % t.log_every == 0 or it == total
-                at_save = it % t.save_every == 0 or it == total
-                at_val = it % val_every == 0 or it == total
-                if not (at_log or at_save or at_val):
-                    continue
-                # ---- a synchronisation point: read the accumulated values once
-                self.runner.sync()
-                self.train_seconds += time.perf_counter() - window_start
-                bad = tally.first_nonfinite()
-                if bad is not None:
-                    self._fail_nonfinite(*bad, rec)
-                count = tally.count
-                means = tally.read_means()
-                means["lr"] = self.runner.optimizer.param_groups[0]["lr"]
-                means["train_seconds"] = self.train_seconds
-                rec.write("train", it, means)
-                rec.advance(count, {k: means[k] for k in ("loss", "lr") if k in means})
-                if at_val:
-                    metrics = self.evaluate()
-                    miou = metrics.miou
-                    rec.write("val", it, {"miou": miou, "pixel_acc": metrics.pixel_acc,
-                                          "mean_acc": metrics.mean_acc, "train_seconds": self.train_seconds})
-                    rec.message(f"iteration {it}/{total}: val mIoU {100 * miou:.2f}%")
-                    self.last_metrics = metrics
-                    if self.best_miou is None or miou > self.best_miou:
-                        self.best_miou, self.best_iteration = miou, it
-                        self.save("best.pt")
-                    self.step_module.train()
-                if at_save:
-                    self.save("last.pt")
-                window_start = time.perf_counter()
-        finally:
-            rec.close()
-            self._val = None  # stops the validation workers now, not whenever the Trainer is collected
+    def _time_first_step(self, started: float) -> float:
+        """The first step of a process pays for compilation and cuDNN autotuning: timed on its own and kept out of
+        the training time, so runs compare by their steady step cost. Returns when the steady time starts."""
+        self.runner.sync()
+        self.warmup_seconds += time.perf_counter() - started
+        self.warmup_steps += 1
+        return time.perf_counter()
 
-        metrics = getattr(self, "last_metrics", None)
-        result = TrainResult(
+    def _log_interval(self, recorder: RunRecorder, tally: StepTally) -> None:
+        """Stop at a non-finite loss; else record the means since the last sync point."""
+        bad = tally.first_nonfinite()
+        if bad is not None:
+            self._fail_nonfinite(*bad, recorder)
+        count = tally.count
+        means = tally.read_means()
+        means["lr"] = self.runner.optimizer.param_groups[0]["lr"]
+        means["train_seconds"] = self.train_seconds
+        recorder.write("train", self.iteration, means)
+        recorder.advance(count, {k: means[k] for k in ("loss", "lr") if k in means})
+
+    def _validate(self, recorder: RunRecorder) -> None:
+        """Evaluate, record, and keep the best model as ``best.pt``."""
+        it = self.iteration
+        metrics = self.evaluate()
+        miou = metrics.miou
+        recorder.write("val", it, {"miou": miou, "pixel_acc": metrics.pixel_acc, "mean_acc": metrics.mean_acc,
+                                   "train_seconds": self.train_seconds})
+        recorder.message(f"iteration {it}/{self.total_iterations}: val mIoU {100 * miou:.2f}%")
+        self.last_metrics = metrics
+        if self.best_miou is None or miou > self.best_miou:
+            self.best_miou, self.best_iteration = miou, it
+            self.save("best.pt")
+        self.step_module.train()
+
+    def _result(self) -> TrainResult:
+        metrics = self.last_metrics
+        return TrainResult(
             run_dir=self.run_dir, iterations=self.iteration, train_seconds=self.train_seconds,
-            planned_seconds=self.planned_seconds, step_seconds=self.step_seconds, eval_seconds=self.eval_seconds,
+            planned_seconds=self.planned_seconds, step_seconds=self._step_seconds, eval_seconds=self.eval_seconds,
             warmup_seconds=self.warmup_seconds,
             checkpoint_seconds=self.checkpoint_seconds, best_miou=self.best_miou, best_iteration=self.best_iteration,
             final_metrics=metrics.to_dict() if metrics is not None else None,
-            images_per_second=((self.iteration - self.warmup_steps) * t.batch_size / self.train_seconds)
+            images_per_second=((self.iteration - self.warmup_steps) * self.cfg.train.batch_size / self.train_seconds)
             if self.train_seconds else 0.0,
-            history=read_records(self.run_dir / "log.jsonl") if main else [],
+            history=read_records(self.run_dir / "log.jsonl") if self.env.is_main else [],
         )
-        if main:
-            summary = {
-                "iterations": result.iterations, "train_seconds": result.train_seconds,
-                "planned_seconds": result.planned_seconds, "eval_seconds": result.eval_seconds,
-                "warmup_seconds": result.warmup_seconds,
-                "checkpoint_seconds": result.checkpoint_seconds, "images_per_second": result.images_per_second,
-                "best_miou": result.best_miou, "best_iteration": result.best_iteration,
-            }
-            with (self.run_dir / "log.jsonl").open("a") as f:
-                f.write(_json_line({"kind": "summary", "iteration": self.iteration, "time": time.time(), **summary}))
-            if metrics is not None:
-                metrics.save(self.run_dir, stem="metrics", class_names=self.dataset_info.class_names)
-            best = f"best val mIoU {100 * self.best_miou:.2f}% at iteration {self.best_iteration}" \
-                if self.best_miou is not None else "no validation"
-            print(f"done: {self.iteration} iterations, {self.train_seconds:.1f} s of training "
-                  f"({result.images_per_second:.1f} img/s; first step {self.warmup_seconds:.1f} s, not counted), "
-                  f"{best}; checkpoints in {self.run_dir}", flush=True)
-        return result
+
+    def _write_summary(self, recorder: RunRecorder, result: TrainResult) -> None:
+        """The summary record, the final metrics files, and the closing line."""
+        recorder.write_summary(self.iteration, {
+            "iterations": result.iterations, "train_seconds": result.train_seconds,
+            "planned_seconds": result.planned_seconds, "eval_seconds": result.eval_seconds,
+            "warmup_seconds": result.warmup_seconds,
+            "checkpoint_seconds": result.checkpoint_seconds, "images_per_second": result.images_per_second,
+            "best_miou": result.best_miou, "best_iteration": result.best_iteration,
+        })
+        if self.last_metrics is not None:
+            self.last_metrics.save(self.run_dir, stem="metrics", class_names=self.dataset_info.class_names)
+        best = f"best val mIoU {100 * self.best_miou:.2f}% at iteration {self.best_iteration}" \
+            if self.best_miou is not None else "no validation"
+        print(f"done: {self.iteration} iterations, {self.train_seconds:.1f} s of training "
+              f"({result.images_per_second:.1f} img/s; first step {self.warmup_seconds:.1f} s, not counted), "
+              f"{best}; checkpoints in {self.run_dir}", flush=True)
 
     def _fail_nonfinite(self, iteration: int, values: dict[str, float], rec: RunRecorder) -> None:
         last = self.run_dir / "last.pt"
@@ -482,20 +521,16 @@ class Trainer:
         )
 
     def _banner(self) -> str:
-        c = self.cfg
-        method = " + ".join(lc.name for lc in c.losses) or "no distillation"
-        teacher = f"{c.teacher.model}-{c.teacher.backbone} → " if c.teacher and c.losses else ""
+        cfg = self.cfg
+        method = " + ".join(lc.name for lc in cfg.losses) or "no distillation"
+        teacher = f"{cfg.teacher.model}-{cfg.teacher.backbone} → " if cfg.teacher and cfg.losses else ""
         amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
         return (
-            f"cskd {__version__}: {teacher}{c.model.model}-{c.model.backbone} ({method}) on {c.data.dataset} "
+            f"cskd {__version__}: {teacher}{cfg.model.model}-{cfg.model.backbone} ({method}) on {cfg.data.dataset} "
             f"[{len(self.train_set)} train / {len(self.val_set)} val], {self.total_iterations} iterations × "
-            f"batch {c.train.batch_size} ({self.env.world_size} process(es), {self.device}, {amp})"
+            f"batch {cfg.train.batch_size} ({self.env.world_size} process(es), {self.device}, {amp})"
             + (f", resumed at iteration {self.iteration}" if self.iteration else "")
         )
-
-
-def _json_line(rec: dict[str, Any]) -> str:
-    return json.dumps(rec) + "\n"
 
 
 def train(cfg: ExperimentConfig, resume: str | None = None, progress: bool = True, overwrite: bool = False) -> TrainResult:

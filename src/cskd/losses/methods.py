@@ -24,7 +24,8 @@ class Method:
     description: str
 
     @property
-    def needs_teacher(self) -> bool:
+    def is_distillation(self) -> bool:
+        """The method has distillation losses, so it trains with a teacher."""
         return bool(self.losses)
 
 

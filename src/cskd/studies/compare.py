@@ -66,7 +66,7 @@ def make_plan(
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if len(set(methods)) != len(methods) or not methods:
         raise ConfigError(f"--methods needs distinct method names, got {methods}")
-    if any(METHODS[m].needs_teacher for m in methods) and base.teacher is None:
+    if any(METHODS[m].is_distillation for m in methods) and base.teacher is None:
         raise ConfigError(f"{config}: the config has no 'teacher' block, which the distillation methods need")
     if base.train.budget.iterations is None:
         raise ConfigError(f"{config}: set train.budget.iterations: the iteration budget every method gets")
@@ -99,7 +99,7 @@ def run_config(plan: ComparePlan, budget: str, method: str, seed: int, gpu_secon
     raw["train"]["val_points"] = plan.val_points
     if budget == "time":
         raw["train"]["budget"] = {**raw["train"]["budget"], "iterations": None, "gpu_seconds": gpu_seconds}
-    if not METHODS[method].needs_teacher:
+    if not METHODS[method].is_distillation:
         raw["teacher"] = None
     return config_from_dict(raw, f"{plan.config_path} ({budget}, {method}, seed {seed})")
 

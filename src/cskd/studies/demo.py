@@ -162,7 +162,7 @@ def plan(
                        "output_dir": str(out / name / method / f"seed{seed}"),
                        "model": {"model": sm, "backbone": sb},
                        "train": {**base["train"], "budget": {"iterations": p.student_iterations}, "seed": seed}}
-                if METHODS[method].needs_teacher:
+                if METHODS[method].is_distillation:
                     raw["teacher"] = {"model": tm, "backbone": tb, "weights": str(teacher.run_dir / "last.pt")}
                 runs[name].append((method, config_from_dict(raw, f"demo {name} {method}")))
     return DemoPlan(p, out, data, tuple(methods), seeds, device, teacher, runs)
