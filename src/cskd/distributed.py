@@ -133,5 +133,5 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["DistEnv", "all_gather_cat", "all_gather_objects", "barrier", "cleanup", "gather_samples", "init_distributed",
-           "resolve_device", "world_size"]
+__all__ = ["DistEnv", "all_gather_cat", "all_gather_objects", "barrier", "cleanup", "gather_samples",
+           "init_distributed", "resolve_device", "world_size"]
