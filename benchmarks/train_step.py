@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cskd.engine.config import config_from_dict
 from cskd.distributed import DistEnv
+from cskd.engine.config import config_from_dict
 from cskd.engine.runner import StepRunner
 from cskd.timing import cpu_name, time_calls
 
