@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError
 from ..evaluation.inference import resolve_amp
-from ..losses import build_loss
+from ..losses import LOSSES, _load_all, build_loss
 from ..losses.base import DistillLoss
 from ..models import build_segmentor, load_backbone_weights, load_weights, safe_load
 from ..models.fusion import fold_batchnorm_
@@ -42,8 +42,9 @@ class PolyDecay:
         return max(0.0, 1.0 - t / self.total) ** self.power
 
 
-def load_teacher_weights(teacher: Segmentor, path: str) -> None:
-    """Teacher files usually carry an auxiliary head the frozen teacher does not run here: drop it."""
+def load_teacher_weights(teacher: Segmentor, path: str, keep_aux: bool = False) -> None:
+    """Teacher files usually carry an auxiliary head the frozen teacher does not run here: drop it (unless
+    ``keep_aux``: a loss that distils the aux logits, e.g. DIST, needs it)."""
     from ..models.checkpoint import extract_state_dict
     from ..models.convert import from_official, is_official_layout, unwrap_state_dict
 
@@ -51,7 +52,8 @@ def load_teacher_weights(teacher: Segmentor, path: str) -> None:
     assert teacher.spec is not None
     state = from_official(state, teacher.spec.model, teacher.spec.backbone) if is_official_layout(state) \
         else unwrap_state_dict(state)
-    state = {k: v for k, v in state.items() if not k.startswith("aux_head.")}
+    if not keep_aux:
+        state = {k: v for k, v in state.items() if not k.startswith("aux_head.")}
     load_weights(teacher, state, name=path)
 
 
@@ -98,14 +100,18 @@ class StepRunner:
             load_weights(student, m.weights)
 
         self.teacher: Segmentor | None = None
+        self.teacher_aux = False
         losses: dict[str, DistillLoss] = {}
         if self.with_teacher:
             if cfg.teacher is None:
                 raise ConfigError("distillation needs a 'teacher' block")
             tm = cfg.teacher
-            teacher = build_segmentor(tm.model, tm.backbone, self.num_classes, aux=False)
+            _load_all()
+            # The teacher runs its aux head only when a loss distils the aux logits (DIST).
+            self.teacher_aux = any(getattr(LOSSES.get(lc.name), "needs_teacher_aux", False) for lc in cfg.losses)
+            teacher = build_segmentor(tm.model, tm.backbone, self.num_classes, aux=self.teacher_aux)
             if tm.weights:
-                load_teacher_weights(teacher, tm.weights)
+                load_teacher_weights(teacher, tm.weights, keep_aux=self.teacher_aux)
             teacher.eval().requires_grad_(False)
             # Frozen: its BatchNorms become part of the convs (exact), and its weights are stored in the autocast
             # dtype so no step re-casts them.
@@ -192,7 +198,7 @@ class StepRunner:
         if self.teacher is None:
             return None
         with torch.inference_mode(), self.autocast():
-            out = self.teacher(x)
+            out = self.teacher(x, with_aux=self.teacher_aux)
         # Inference tensors may not be saved for backward; the copy (a few MB) makes them ordinary constants.
         return SegOutput(*(v.clone() if v is not None else None for v in out))
 

@@ -40,6 +40,9 @@ class DistillLoss(nn.Module):
     min_batch_per_device: ClassVar[int] = 1
     #: Whether ``forward`` needs the labels (``targets``: B×H×W int64 at input resolution, 255 = ignore).
     needs_targets: ClassVar[bool] = False
+    #: Whether ``forward`` wants the teacher's auxiliary-head logits (``teacher.aux_logits``): the engine then
+    #: builds the teacher with its aux head, keeps that head's weights from the teacher file and runs it.
+    needs_teacher_aux: ClassVar[bool] = False
 
     def batch_requirement(self) -> tuple[int, str]:
         """(the fewest samples the loss needs, "device" or "global"): checked by the engine at start-up against
