@@ -56,6 +56,17 @@ METHODS: dict[str, Method] = {m.name: m for m in (
        {"name": "at", "weight": 10000.0, "p": 2.0}),
     _m("fitnet", "FitNet (Romero et al.): KD + feature regression through a 1×1 connector (λ 10)", _KD,
        {"name": "fitnet", "weight": 10.0}),
+    _m("dist", "DIST (Huang et al., NeurIPS 2022): inter- and intra-class Pearson relations of the softmax on the "
+               "logits (β 1, γ 1, τ 1, λ 1) + 0.4× the same on the aux logits; replaces KD", {"name": "dist"}),
+    _m("dsd", "DSD (Feng et al., TIP 2021): pixel similarity of aux/feature/logit attention residuals (λ 1000) + "
+              "category similarity of the logits (λ 10, τ 4), alone as in CIRKD's train_dsd.sh", {"name": "dsd"}),
+    _m("cirkdv2", "CIRKDV2 (CIRKD's scripts/train_cirkdv2, DeepLabV3-R18): KD + GCN + FitNet (1) + CIRKD pixel/region "
+                  "relations (1, 0.1, 0.1) + channel relations: mini-batch (1), memory (0.1), channel KD (100)",
+       _KD, {"name": "cirkdv2"}),
+    _m("cirkdv2_fitnet10", "CIRKDV2 with FitNet weight 10 (the published VOC and PSPNet-MobileNetV3 scripts)", _KD,
+       {"name": "cirkdv2", "fitnet_weight": 10.0}),
+    _m("featkd", "feature KD (the 2026 budget-matched study): MSE of the student's features through a learned 1×1 "
+                 "connector onto the teacher's (λ 1), no logit KD", {"name": "featkd"}),
 )}
 
 
