@@ -153,7 +153,7 @@ class ChannelRelations(nn.Module):
         if queue.shape[1] != 0:
             raise ValueError(f"cirkdv2: the channel memory holds vectors of {queue.shape[1]} pooled positions, "
                              f"this batch gives {d}: the training crop (or the pooling) changed")
-        fresh = F.normalize(torch.randn(queue.shape[0], d, device=queue.device), dim=1)
+        fresh = F.normalize(torch.randn(queue.shape[0], d, device=queue.device, dtype=queue.dtype), dim=1)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(fresh, 0)
         self.channel_queue = fresh
