@@ -433,3 +433,37 @@ def test_teacher_aux_head_is_kept_from_the_teacher_file(tmp_path):
         assert torch.equal(a, b), name
     plain = build_segmentor("deeplabv3", "resnet18", K, aux=False)
     load_teacher_weights(plain, str(path))  # the default drops the aux head, as before
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+
+
+def _ddp_channel_worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # differently seeded ranks: the published queues would drift apart
+        loss = _channel_only(channel_memory_size=40, channel_contrast_size=40)
+        s, t = outputs(seed=20 + rank, h=8, w=8), outputs(seed=30 + rank, c=8, h=8, w=8)
+        loss(s, t)
+        torch.save({k: v for k, v in loss.state_dict().items() if "queue" in k}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cirkdv2_channel_memory_is_identical_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_channel_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+    assert int(r0["channel.channel_queue_ptr"]) == 32  # 16 channels from each rank (⌊256/2⌋ ≥ 16)
+    # Rank-major: slots 0…15 hold rank 0's teacher channels, 16…31 rank 1's.
+    for rank, slots in ((0, slice(0, 16)), (1, slice(16, 32))):
+        t = outputs(seed=30 + rank, c=8, h=8, w=8).features
+        ref = _np_unit_rows(np_(F.avg_pool2d(t, 4, 4, ceil_mode=True)).reshape(16, -1))
+        got = np_(r0["channel.channel_queue"][slots])
+        np.testing.assert_allclose(np.sort(got, axis=0), np.sort(ref, axis=0), rtol=1e-12)

@@ -145,6 +145,7 @@ class ChannelRelations(nn.Module):
             self.channel_queue = own.new_empty(state_dict[key].shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def _ensure_queue(self, d: int) -> None:
         queue = self.channel_queue
