@@ -107,9 +107,11 @@ class StepRunner:
                 raise ConfigError("distillation needs a 'teacher' block")
             tm = cfg.teacher
             _load_all()
-            # The teacher runs its aux head only when a loss distils the aux logits (DIST).
-            self.teacher_aux = any(getattr(LOSSES.get(lc.name), "needs_teacher_aux", False) for lc in cfg.losses)
-            teacher = build_segmentor(tm.model, tm.backbone, self.num_classes, aux=self.teacher_aux)
+            # The teacher runs its aux head only when a loss distils the aux logits (DIST, DSD), and only where the
+            # backbone has one as published (ResNets; a MobileNetV2 teacher has none, and those terms are skipped).
+            wants_aux = any(getattr(LOSSES.get(lc.name), "needs_teacher_aux", False) for lc in cfg.losses)
+            teacher = build_segmentor(tm.model, tm.backbone, self.num_classes, aux=None if wants_aux else False)
+            self.teacher_aux = teacher.aux_head is not None
             if tm.weights:
                 load_teacher_weights(teacher, tm.weights, keep_aux=self.teacher_aux)
             teacher.eval().requires_grad_(False)
