@@ -17,12 +17,14 @@ aux logits, teacher aux logits) when both models have an aux head (the ResNet st
 published trainer sets ``aux`` off and has no such term). The teacher runs its aux head for this
 (``needs_teacher_aux``).
 
-Published recipe (github.com/hunto/DIST_KD, ``segmentation/train_kd.py``): ``criterion_kd = DIST()`` with
+Published recipe (github.com/hunto/DIST_KD, ``segmentation/train_kd.py`` lines 196 and 254–258; the class in
+``segmentation/losses/dist_kd.py``): ``criterion_kd = DIST()`` with
 β = γ = 1 and no temperature (τ = 1; its ``--kd-temperature`` flag is never passed to DIST), ``--lambda-kd 1``;
 ``kd_loss = λ·DIST(s[0], t[0])`` plus ``0.4·λ·DIST(s[1], t[1])`` on the aux logits for ResNet students; DIST
 replaces pixel-wise KD (no other distillation term). Teacher with aux head, both logits at 1/8 of the input.
 Trainer defaults: 40,000 iterations, batch 16, lr 0.02, weight decay 5e-4, crop 512×1024
 (``train_scripts/train_kd/deeplabv3_res18.sh`` and ``pspnet_res18.sh`` override none of them).
+Its poly schedule decays to 1e-4 instead of 0 (``adjust_lr``), which the engine's schedule does not reproduce.
 ``temperature`` ≠ 1 follows the DIST paper's classification form (softmax(z/τ), loss × τ²).
 
 Differences from the published code: if the student's logits differ in spatial size from the teacher's, they are

@@ -4,7 +4,8 @@ Segmentation", IEEE TIP 2021), as the CSKD and CIRKD repositories ship it (``los
 Two terms on a model's maps, all at 1/8 of the input:
 
 - **Pixel similarity** (``dsd_pixel``, the published PSD) on the list of maps [aux logits, head features, logits]
-  (the trainer's ``[outputs[-2], outputs[-1], outputs[0]]``). Each map f (B×C×h×w) becomes a spatial attention
+  (CIRKD ``train_kd.py`` lines 356–361: ``[outputs[-2], outputs[-1], outputs[0]]`` of a model returning
+  [logits, aux logits, features]). Each map f (B×C×h×w) becomes a spatial attention
   vector a = normalise(mean_c f²) ∈ ℝ^{h·w} (L2 over positions); each pair n < m of the list gives a residual
   r = normalise(a_m − a_n); with R the number of pairs (3),
   L_psd = 1/R Σ_pairs mean over B·h·w of (normalise(r_s) − normalise(r_t))².
