@@ -72,21 +72,27 @@ class SpectralNormConv2d(nn.Module):
         self.register_buffer("v", _l2normalize(torch.randn(width)))
         self.published_vectors = False
 
+    @torch.compiler.disable  # buffer updates, kept out of a compiled graph (run eagerly under torch.compile)
+    @torch.no_grad()
+    def power_iteration(self) -> None:
+        """One step: v ← Wᵀu/‖Wᵀu‖, u ← Wv/‖Wv‖ (no gradient through u and v)."""
+        mat = self.weight.detach().reshape(self.weight.shape[0], -1).to(self.u.dtype)
+        v = _l2normalize(mat.mT @ self.u)
+        u = _l2normalize(mat @ v)
+        if self.published_vectors:
+            # The published ``u.data = ...``: no version bump, so a graph built by an earlier call sees the new
+            # vectors in its backward.
+            self.v.data = v
+            self.u.data = u
+        else:  # new tensors: each call's graph keeps the vectors it used
+            self.v = v
+            self.u = u
+
     def normalised_weight(self) -> Tensor:
+        if self.training:
+            self.power_iteration()
         w = self.weight
         mat = w.reshape(w.shape[0], -1)
-        if self.training:
-            with torch.no_grad():
-                v = _l2normalize(mat.detach().mT.to(self.u.dtype) @ self.u)
-                u = _l2normalize(mat.detach().to(v.dtype) @ v)
-                if self.published_vectors:
-                    # The published ``u.data = ...``: no version bump, so a graph built by an earlier call sees
-                    # the new vectors in its backward.
-                    self.v.data = v
-                    self.u.data = u
-                else:  # new tensors: each call's graph keeps the vectors it used
-                    self.v = v
-                    self.u = u
         sigma = self.u.to(mat.dtype) @ (mat @ self.v.to(mat.dtype))
         return w / sigma
 
