@@ -13,6 +13,7 @@ from typing import Any
 
 _CWD = {"name": "cwd", "weight": 3.0, "temperature": 2.0}
 _KD = {"name": "kd", "weight": 1.0, "temperature": 1.0}
+_ADV = {"name": "adv", "lambda_adv": 0.001, "lambda_d": 0.1}
 _CSKD = {"name": "cskd", "lambda_cam": 0.3, "lambda_pam": 0.8, "temperature": 2.0, "pam_grid": 5,
          "pam_projection": "resample"}
 
@@ -48,10 +49,18 @@ METHODS: dict[str, Method] = {m.name: m for m in (
        {**_CSKD, "pam_grid": 1}),
     _m("cirkd", "CIRKD (Yang et al., CVPR 2022): KD + mini-batch pixel relations (1) + pixel (0.1) and region "
                 "(0.1) memory relations", _KD, {"name": "cirkd"}),
-    _m("skd", "structured KD (Liu et al., CVPR 2019) without its adversarial term: KD + pair-wise (λ 10)", _KD,
+    _m("skd", "structured KD (Liu et al., CVPR 2019) as published: KD + pair-wise (λ 10) + holistic adversarial "
+              "term (λ_adv 0.001, discriminator λ_d 0.1, its own Adam 4e-4, β (0.9, 0.99))", _KD,
+       {"name": "skd", "weight": 10.0}, _ADV),
+    _m("skd_noadv", "SKD without its adversarial term: KD + pair-wise (λ 10)", _KD,
        {"name": "skd", "weight": 10.0}),
-    _m("ifvd", "IFVD (Wang et al., ECCV 2020) without its adversarial term: KD + intra-class variation (λ 20)", _KD,
+    _m("ifvd", "IFVD (Wang et al., ECCV 2020) as published: KD + intra-class variation (λ 20) + SKD's adversarial "
+               "term (λ_adv 0.001, λ_d 0.1)", _KD, {"name": "ifvd", "weight": 20.0}, _ADV),
+    _m("ifvd_noadv", "IFVD without its adversarial term: KD + intra-class variation (λ 20)", _KD,
        {"name": "ifvd", "weight": 20.0}),
+    _m("afdcd", "Af-DCD (Fan et al., NeurIPS 2023): KD + masked reconstruction of the teacher's c4 through the "
+                "enhanced projector (λ_fd 2e-6, centre mask) + omni-contrastive term (λ_ctr 0.005, τ 0.07, M 16, "
+                "pool 4, 4×4 patches); the Cityscapes R18 recipe", _KD, {"name": "afdcd"}),
     _m("at", "attention transfer (Zagoruyko & Komodakis): KD + AT (λ 10000, p 2)", _KD,
        {"name": "at", "weight": 10000.0, "p": 2.0}),
     _m("fitnet", "FitNet (Romero et al.): KD + feature regression through a 1×1 connector (λ 10)", _KD,
