@@ -362,7 +362,7 @@ def test_agrees_with_published_cirkdv2(published):
 ])
 def test_student_maps_of_other_size_and_width_are_resized_to_the_teacher(name, params):
     s, t = outputs(seed=14, c=6, h=6, w=8), outputs(seed=15, c=8, h=12, w=16)
-    up = SegOutput(*(F.interpolate(v, size=(12, 16), mode="bilinear", align_corners=False) for v in s))
+    up = SegOutput(*(F.interpolate(v, size=(12, 16), mode="bilinear", align_corners=False) for v in s[:3]))
     small = torch.randint(0, K, (2, 12, 16), generator=torch.Generator().manual_seed(1))
     targets = small.repeat_interleave(8, 1).repeat_interleave(8, 2)
     loss = build(name, **params).eval()  # eval: no memory update, so both calls see the same state
