@@ -127,13 +127,15 @@ def load_backbone_weights(model: Segmentor | nn.Module, source: str | Path | Map
     backbone.load_state_dict(state)
 
 
-def load_teacher_weights(teacher: Segmentor, path: str) -> None:
-    """Teacher files usually carry an auxiliary head the frozen teacher does not run here: drop it."""
+def load_teacher_weights(teacher: Segmentor, path: str, keep_aux: bool = False) -> None:
+    """Teacher files usually carry an auxiliary head the frozen teacher does not run here: drop it (unless
+    ``keep_aux``: a loss that distils the aux logits, e.g. DIST, needs it)."""
     state = extract_state_dict(safe_load(path), path)
     assert teacher.spec is not None
     state = from_official(state, teacher.spec.model, teacher.spec.backbone) if is_official_layout(state) \
         else unwrap_state_dict(state)
-    state = {k: v for k, v in state.items() if not k.startswith("aux_head.")}
+    if not keep_aux:
+        state = {k: v for k, v in state.items() if not k.startswith("aux_head.")}
     load_weights(teacher, state, name=path)
 
 

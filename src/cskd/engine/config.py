@@ -338,12 +338,13 @@ def config_from_dict(raw: Mapping[str, Any], where: str = "config") -> Experimen
 
 def _check_loss_params(name: str, params: dict[str, Any], where: str, index: int) -> dict[str, Any]:
     from ..losses import LOSSES, _load_all
-    from ..losses.base import CONTEXT_ARGS
+    from ..losses.base import CONTEXT_ARGS, STAGE_CONTEXT_ARGS
 
     _load_all()
     if name not in LOSSES:
         raise ConfigError(f"{where}: losses[{index}]: unknown loss '{name}'; registered: {', '.join(sorted(LOSSES))}")
-    return validate_kwargs(LOSSES[name], params, where, prefix=f"losses[{index}]", reserved=CONTEXT_ARGS)
+    return validate_kwargs(LOSSES[name], params, where, prefix=f"losses[{index}]",
+                           reserved=CONTEXT_ARGS + STAGE_CONTEXT_ARGS)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError
 from ..evaluation.inference import resolve_amp
-from ..losses import build_loss
+from ..losses import LOSSES, _load_all, build_loss
 from ..losses.base import DistillLoss
 from ..checkpoints.files import capture_rng, restore_rng
 from ..checkpoints.weights import load_backbone_weights, load_teacher_weights, load_weights
@@ -27,6 +27,7 @@ from ..distributed import DistEnv, all_gather_objects
 from ..models import build_segmentor
 from ..models.fusion import fold_batchnorm_
 from ..models.segmentor import SegOutput, Segmentor
+from .auxiliary import AuxiliaryOptimizers
 from .config import ExperimentConfig
 from .step import StepModule
 
@@ -67,7 +68,8 @@ class StepRunner:
             raise ConfigError("train.amp=fp16 needs CUDA; use bf16 or none on the CPU")
         self.channels_last = train_cfg.channels_last and self.device.type == "cuda"
         self._build_models()
-        params = [p for p in self.step_module.parameters() if p.requires_grad]
+        # A loss's own second optimiser (a discriminator) trains its parameters; the student's leaves them alone.
+        params = [p for p in self.step_module.parameters() if p.requires_grad and not self.auxiliary.owns(p)]
         # One fused kernel for the whole update on CUDA instead of a few per parameter tensor.
         self.optimizer = torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum,
                                          weight_decay=train_cfg.weight_decay, fused=self.device.type == "cuda")
@@ -86,14 +88,20 @@ class StepRunner:
             load_weights(student, model_cfg.weights)
 
         self.teacher: Segmentor | None = None
+        self.teacher_aux = False
         losses: dict[str, DistillLoss] = {}
         if self.with_teacher:
             if cfg.teacher is None:
                 raise ConfigError("distillation needs a 'teacher' block")
             teacher_cfg = cfg.teacher
-            teacher = build_segmentor(teacher_cfg.model, teacher_cfg.backbone, self.num_classes, aux=False)
+            _load_all()
+            # The teacher runs its aux head only when a loss distils the aux logits (DIST, DSD), and only where the
+            # backbone has one as published (ResNets; a MobileNetV2 teacher has none, and those terms are skipped).
+            wants_aux = any(getattr(LOSSES.get(lc.name), "needs_teacher_aux", False) for lc in cfg.losses)
+            teacher = build_segmentor(teacher_cfg.model, teacher_cfg.backbone, self.num_classes, aux=None if wants_aux else False)
+            self.teacher_aux = teacher.aux_head is not None
             if teacher_cfg.weights:
-                load_teacher_weights(teacher, teacher_cfg.weights)
+                load_teacher_weights(teacher, teacher_cfg.weights, keep_aux=self.teacher_aux)
             teacher.eval().requires_grad_(False)
             # Frozen: its BatchNorms become part of the convs (exact), and its weights are stored in the autocast
             # dtype so no step re-casts them.
@@ -105,6 +113,8 @@ class StepRunner:
                 losses[lc.name] = build_loss(
                     lc.name, lc.params, student_channels=student.feature_channels,
                     teacher_channels=teacher.feature_channels, num_classes=self.num_classes, where="losses",
+                    student_stage_channels=tuple(student.backbone.out_channels),
+                    teacher_stage_channels=tuple(teacher.backbone.out_channels),
                 )
             self._check_batch_requirements(losses)
 
@@ -117,6 +127,11 @@ class StepRunner:
             step.to(memory_format=torch.channels_last)
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
+        self.keep_teacher_stages = any(loss.uses_stages for loss in losses.values())
+        self.pre_step_losses = [loss for loss in step.losses.values()
+                                if type(loss).before_optimizer_step is not DistillLoss.before_optimizer_step]
+        self.auxiliary = AuxiliaryOptimizers(step.losses)  # after the move to the device, before compile and DDP
+        step.keep_outputs = bool(self.auxiliary)
         self.cudagraphs = False
         if train_cfg.compile or (train_cfg.compile is None and self.device.type == "cuda"):
             mode = None if train_cfg.compile_mode == "default" else train_cfg.compile_mode
@@ -132,6 +147,10 @@ class StepRunner:
         self.student: Segmentor = step.model
         if self.env.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
+            if self.auxiliary:  # reduced by the auxiliary step itself, after its own backward
+                # DDP's (long-standing) hook for parameters it must not reduce, as its
+                # _set_params_and_buffers_to_ignore_for_model sets it.
+                step._ddp_params_and_buffers_to_ignore = self.auxiliary.ddp_ignored_names(step)
             # No buffer broadcast at every forward: memory-bank queues (hundreds of MB for CIRKD) are kept identical
             # by the losses themselves, and BN statistics are synchronised by SyncBatchNorm on GPUs and by
             # sync_buffers() at evaluation and checkpoint points.
@@ -180,9 +199,11 @@ class StepRunner:
         if self.teacher is None:
             return None
         with torch.inference_mode(), self.autocast():
-            out = self.teacher(x)
+            out = self.teacher(x, with_aux=self.teacher_aux)
         # Inference tensors may not be saved for backward; the copy (a few MB) makes them ordinary constants.
-        return SegOutput(*(v.clone() if v is not None else None for v in out))
+        # The backbone's stage maps are copied only for a loss that reads them.
+        stages = tuple(v.clone() for v in out.stages) if (self.keep_teacher_stages and out.stages) else None
+        return SegOutput(*(v.clone() if v is not None else None for v in out[:3]), stages)
 
     def step(self, x: Tensor, masks: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """One optimisation step; returns the total loss and its terms, detached, on the device (no host sync)."""
@@ -193,9 +214,20 @@ class StepRunner:
             total, terms = self._forward(x, masks, teacher_out)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        if self.pre_step_losses:
+            self.scaler.unscale_(self.optimizer)
+            for loss in self.pre_step_losses:
+                loss.before_optimizer_step()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.auxiliary:  # the losses' own optimisers, after the student's (the published order)
+            student_out, teacher_out, targets = self.step_module.last_outputs
+            self.step_module.last_outputs = None
+            aux_terms = self.auxiliary.step(student_out, teacher_out, targets)
+            if set(aux_terms) & set(terms):
+                raise RuntimeError(f"auxiliary terms {sorted(set(aux_terms) & set(terms))} clash with loss terms")
+            terms = {**terms, **aux_terms}
         # Copies (scalars): the values outlive this step, and CUDA-graph outputs are reused by the next replay.
         return total.detach().clone(), {k: v.detach().float().clone() for k, v in terms.items()}
 
@@ -233,6 +265,7 @@ class StepRunner:
         data-parallel run."""
         saved_model = copy.deepcopy(self.step_module.state_dict())
         saved_opt = copy.deepcopy(self.optimizer.state_dict())
+        saved_aux = copy.deepcopy(self.auxiliary.state_dict())
         saved_sched = copy.deepcopy(self.scheduler.state_dict())
         rng = capture_rng()
         self.step_module.train()
@@ -253,6 +286,7 @@ class StepRunner:
         seconds = max(all_gather_objects(seconds))
         self.step_module.load_state_dict(saved_model)
         self.optimizer.load_state_dict(saved_opt)
+        self.auxiliary.load_state_dict(saved_aux)
         self.scheduler.load_state_dict(saved_sched)
         restore_rng(rng)
         return seconds

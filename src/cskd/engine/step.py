@@ -72,12 +72,18 @@ class StepModule(nn.Module):
         self.model = model
         self.losses = nn.ModuleDict(dict(losses or {}))
         self.aux_weight = aux_weight
+        #: Set by the runner when a loss owns a second optimiser: forward then keeps (student outputs, teacher
+        #: outputs, targets) in ``last_outputs`` for the auxiliary step after the student's.
+        self.keep_outputs = False
+        self.last_outputs: tuple[SegOutput, SegOutput | None, Tensor] | None = None
 
     def forward(
         self, images: Tensor, targets: Tensor, teacher: SegOutput | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Returns the total loss and its named terms (each already weighted)."""
         out = self.model(images)
+        if self.keep_outputs:
+            self.last_outputs = (out, teacher, targets)
         terms: dict[str, Tensor] = {"ce": segmentation_ce(out.logits, targets)}
         if out.aux_logits is not None and self.aux_weight:
             terms["aux"] = self.aux_weight * segmentation_ce(out.aux_logits, targets)

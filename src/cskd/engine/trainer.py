@@ -55,7 +55,8 @@ class StepTally:
         if not self.names:
             self.names = ["loss", *terms]
         values = torch.stack([loss.float(), *terms.values()])
-        newly_bad = torch.isfinite(values[0]).logical_not_() & (self._first_bad < 0)
+        # Every term, not only the total: an auxiliary optimiser's terms (a discriminator's loss) are not in it.
+        newly_bad = torch.isfinite(values).all().logical_not_() & (self._first_bad < 0)
         self._first_bad = torch.where(newly_bad, iteration, self._first_bad)
         self._bad_values = values if self._bad_values is None else torch.where(newly_bad, values, self._bad_values)
         self._sums = values if self._sums is None else self._sums + values
@@ -292,6 +293,7 @@ class Trainer:
             "spec": self.student.spec.to_dict() if self.student.spec else None,
             "losses": self.step_module.losses.state_dict(),
             "optimizer": self.runner.optimizer.state_dict(),
+            "auxiliary_optimizers": self.runner.auxiliary.state_dict(),
             "scheduler": self.runner.scheduler.state_dict(),
             "scaler": self.runner.scaler.state_dict(),
             "iteration": self.iteration,
@@ -344,6 +346,7 @@ class Trainer:
         self.total_iterations = ckpt["total_iterations"]
         self.runner.set_schedule(self.total_iterations)
         self.runner.optimizer.load_state_dict(ckpt["optimizer"])
+        self.runner.auxiliary.load_state_dict(ckpt.get("auxiliary_optimizers", {}), where=str(path))
         self.runner.scheduler.load_state_dict(ckpt["scheduler"])
         self.runner.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
@@ -515,8 +518,10 @@ class Trainer:
         keep = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint had been written yet"
         rec.write("error", iteration, {"nonfinite_terms": values})
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        named = [k for k, v in values.items() if not np.isfinite(v)]
         raise TrainingError(
-            f"non-finite loss at iteration {iteration} ({shown}); training stopped and {keep} (left untouched). "
+            f"non-finite loss at iteration {iteration} (non-finite: {', '.join(named) or 'the total'}; {shown}); "
+            f"training stopped and {keep} (left untouched). "
             "Lower train.lr, use train.amp=bf16/none instead of fp16, or check the data for bad labels."
         )
 

@@ -13,7 +13,8 @@ feature, so both similarities are 1 there. Gradients reach the student through t
 class centres, as published.
 
 Published recipe (github.com/winycg/CIRKD, train_scripts/train_kd/train_ifvd.sh, Cityscapes): weight 20 on this
-term, plus pixel-wise KD (weight 1, τ = 1) and SKD's holistic adversarial term (λ_adv 0.001, λ_d 0.1).
+term, plus pixel-wise KD (weight 1, τ = 1) and SKD's holistic adversarial term (λ_adv 0.001, λ_d 0.1; the ``adv``
+loss). The method ``ifvd`` has all three, ``ifvd_noadv`` the first two.
 
 Differences from the published code (same value, cheaper): the per-class loop over every class becomes two
 batched products with a one-hot label matrix, and the centres are class *sums* rather than means — cosine is

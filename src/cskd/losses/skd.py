@@ -13,7 +13,8 @@ SKD as a method is three terms; this module is the pair-wise one. The published 
 (github.com/winycg/CIRKD, train_scripts/train_kd/train_skd.sh, Cityscapes): weight 10 on this term, pixel-wise KD
 on the logits (the registered ``kd`` loss: weight 1, τ = 1), and the holistic adversarial term (a spectral-norm
 discriminator on the logits, hinge loss, λ_adv 0.001 for the student, λ_d 0.1 for the discriminator, Adam 4e-4,
-β = (0.9, 0.99)), which cskd does not implement (it needs a second optimiser for the discriminator).
+β = (0.9, 0.99)): the registered ``adv`` loss (:mod:`cskd.losses.adv`). The method ``skd`` has all three terms,
+``skd_noadv`` the first two.
 """
 
 from __future__ import annotations

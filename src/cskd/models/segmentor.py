@@ -23,6 +23,7 @@ class SegOutput(NamedTuple):
     """B×K×h×w scores of the auxiliary head, or None (no aux head, or not asked for: see ``Segmentor.forward``)."""
     features: Tensor
     """B×C×h×w: the head's map right before its final 1×1 classifier, the one feature distillation compares."""
+    stages: tuple[Tensor, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class Segmentor(nn.Module):
         logits, features = self.head(stages[-1])
         want_aux = self.training if with_aux is None else with_aux
         aux = self.aux_head(stages[-2]) if (want_aux and self.aux_head is not None) else None
-        return SegOutput(logits, aux, features)
+        return SegOutput(logits, aux, features, tuple(stages))
 
 
 def canonical_model_name(model: str) -> str:
