@@ -1,4 +1,4 @@
-"""Time the engine's full training step for each method (issue 8).
+"""Time the engine's full training step for each method (every registered method, or the student / teacher alone).
 
 Builds cskd's teacher and student through the engine's own StepRunner (the object the Trainer uses), feeds random
 uint8 batches of the training size, and times each step with CUDA events after warm-up (host clock + synchronize
@@ -6,6 +6,7 @@ on the CPU). Prints a Markdown table and writes JSON.
 
     python benchmarks/train_step.py                       # H100: B=8, 512×1024, bf16, R101 → R18
     python benchmarks/train_step.py --compile --out step.json
+    python benchmarks/train_step.py --methods cwd,cskd,dist,afdcd --student segformer mit_b0
     python benchmarks/train_step.py --device cpu --batch 3 --size 64 128 --iters 3 --warmup 1   # CI-sized
 """
 
@@ -21,24 +22,28 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cskd.distributed import DistEnv
 from cskd.engine.config import config_from_dict
+from cskd.losses.methods import get_method
 from cskd.engine.runner import StepRunner
 from cskd.timing import cpu_name, time_calls
 
-PUBLISHED_CSKD = [{"name": "cwd", "weight": 3.0, "temperature": 2.0},
-                  {"name": "cskd", "lambda_cam": 0.3, "lambda_pam": 0.8, "temperature": 2.0}]
-METHODS: dict[str, tuple[bool, list[dict[str, Any]]]] = {
-    # name: (teacher forward?, distillation losses)
-    "student": (False, []),
-    "teacher": (True, []),
-    "cwd": (True, [PUBLISHED_CSKD[0]]),
-    "cskd": (True, PUBLISHED_CSKD),
-    "cskd_fixed": (True, [PUBLISHED_CSKD[0], {**PUBLISHED_CSKD[1], "pam_projection": "fixed"}]),
-    "kd": (True, [{"name": "kd", "weight": 1.0, "temperature": 1.0}]),
-}
+# Rows beside the registered methods: the student alone, and the teacher's forward + the student alone.
+EXTRA_ROWS: dict[str, tuple[bool, list[dict[str, Any]]]] = {"student": (False, []), "teacher": (True, [])}
+
+
+def method_row(method: str) -> tuple[bool, list[dict[str, Any]]]:
+    """(teacher forward?, distillation losses) of a benchmark row: a registered method (``cskd.losses.methods``)
+    or one of ``EXTRA_ROWS``."""
+    if method in EXTRA_ROWS:
+        return EXTRA_ROWS[method]
+    try:
+        m = get_method(method)
+    except KeyError as e:
+        raise SystemExit(f"--methods: {e.args[0]}; or one of {', '.join(EXTRA_ROWS)}") from None
+    return m.is_distillation, [dict(lc) for lc in m.losses]
 
 
 def make_runner(args: argparse.Namespace, method: str, device: torch.device, eager: bool = False) -> StepRunner:
-    with_teacher, losses = METHODS[method]
+    with_teacher, losses = method_row(method)
     amp = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}[args.dtype]
     cfg = config_from_dict({
         "name": f"bench_{method}",
@@ -132,14 +137,16 @@ def main() -> None:
     print(f"\n{meta['device']}, torch {meta['torch']}, B={args.batch}, {size[0]}×{size[1]}, {args.dtype}, "
           f"compile={'on' if args.compile else 'off'}{mode}, {args.teacher[0]}-{args.teacher[1]} → "
           f"{args.student[0]}-{args.student[1]}\n")
-    print("| method | ms/step (median) | img/s | vs teacher-only step | peak GiB | GFLOP/img | TFLOP/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | ms/step p50 [p90] | img/s | vs teacher-only step | vs CWD step | peak GiB | GFLOP/img | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         rel = f"{100 * (r['median_s'] / ref['teacher'] - 1):+.1f}%" if "teacher" in ref else "–"
+        vs_cwd = f"{100 * (r['median_s'] / ref['cwd'] - 1):+.1f}%" if "cwd" in ref else "–"
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "–"
         gf = f"{r['gflop_per_img']:.0f}" if r["gflop_per_img"] else "–"
         tf = f"{r['tflops']:.3g}" if r["tflops"] else "–"
-        print(f"| {r['method']} | {1000 * r['median_s']:.1f} | {r['img_per_s']:.1f} | {rel} | {peak} | {gf} | {tf} |")
+        print(f"| {r['method']} | {1000 * r['median_s']:.1f} [{1000 * r['p90_s']:.1f}] | {r['img_per_s']:.1f} | {rel} "
+              f"| {vs_cwd} | {peak} | {gf} | {tf} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
