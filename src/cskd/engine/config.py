@@ -66,19 +66,18 @@ class ModelConfig:
     model: str = "deeplabv3"
     backbone: str = "resnet18"
     aux: bool | None = None
-    """Auxiliary FCN head; null = the published choice (ResNets: yes, MobileNetV2: no)."""
+    """Auxiliary FCN head; null = the backbone's published choice (ResNets: yes, MobileNets and timm: no)."""
     pretrained_base: str | None = None
     """ImageNet backbone file (e.g. resnet18-imagenet.pth) to start from."""
     weights: str | None = None
     """A full segmentor checkpoint (cskd or published layout) to start from / to use as the teacher."""
 
     def __post_init__(self) -> None:
-        from ..models.backbones import BACKBONES
+        from ..models.backbones import check_backbone_name
         from ..models.segmentor import canonical_model_name
 
         canonical_model_name(self.model)  # raises ValueError naming the choices
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONES)}")
+        check_backbone_name(self.backbone)  # likewise (and for timm:<name>, the closest timm names)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,7 @@ class StepRunner:
                     teacher_channels=teacher.feature_channels, num_classes=self.num_classes, where="losses",
                 )
             self._check_batch_requirements(losses)
+        self.teacher_stages = any(getattr(loss, "uses_stages", False) for loss in losses.values())
 
         step = TrainStep(student, losses, aux_weight=t.aux_weight).to(self.device)
         if self.env.distributed and t.sync_bn and self.device.type == "cuda":
@@ -193,8 +194,10 @@ class StepRunner:
             return None
         with torch.inference_mode(), self.autocast():
             out = self.teacher(x)
-        # Inference tensors may not be saved for backward; the copy (a few MB) makes them ordinary constants.
-        return SegOutput(*(v.clone() if v is not None else None for v in out))
+        # Inference tensors may not be saved for backward; the copy (a few MB) makes them ordinary constants. The
+        # backbone stages are copied only for a loss that reads them (``uses_stages``): they are most of the size.
+        stages = tuple(s.clone() for s in out.stages) if self.teacher_stages else ()
+        return SegOutput(*(v.clone() if v is not None else None for v in out[:3]), stages)
 
     def step(self, x: Tensor, masks: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """One optimisation step; returns the total loss and its terms, detached, on the device (no host sync)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,32 @@ def check_fit(module: nn.Module, state: Mapping[str, Tensor], source: str, hint:
     raise CheckpointError(msg + ("\n  " + hint if hint else ""))
 
 
+@lru_cache(maxsize=None)
+def _registered_layout(name: str) -> frozenset[tuple[str, tuple[int, ...]]]:
+    """(key, shape) pairs of a registered backbone's state dict, built on the meta device (no memory, no init)."""
+    from .backbones import BACKBONES
+
+    with torch.device("meta"):
+        module = BACKBONES[name].builder()
+    return frozenset((k, tuple(v.shape)) for k, v in module.state_dict().items())
+
+
+def _check_backbone_family(backbone: nn.Module, state: Mapping[str, Tensor], model_backbone: str, source: str) -> None:
+    """A one-line error when ``state``'s backbone entries are exactly another registered backbone's."""
+    from .backbones import backbone_names
+
+    got = frozenset((k, tuple(v.shape)) for k, v in backbone_state_dict(state).items())
+    own = frozenset((k, tuple(v.shape)) for k, v in backbone.state_dict().items())
+    if not got or got == own:
+        return
+    for name in backbone_names():
+        if name != model_backbone and _registered_layout(name) == got:
+            raise CheckpointError(
+                f"{source}: the checkpoint holds a {name!r} backbone and the model a {model_backbone!r} one; "
+                f"build the model with backbone {name!r} (choices: {', '.join(backbone_names())})"
+            )
+
+
 def _segmentor_hint(model: Segmentor, state: Mapping[str, Tensor]) -> str:
     spec = model.spec
     hints = []
@@ -134,6 +161,8 @@ def load_weights(
     else:
         state = unwrap_state_dict(state)
     if strict:
+        if model.spec is not None:
+            _check_backbone_family(model.backbone, state, model.spec.backbone, name)
         check_fit(model, state, name, _segmentor_hint(model, state))
     else:
         own = model.state_dict()
@@ -148,6 +177,9 @@ def load_backbone_weights(model: Segmentor | nn.Module, source: str | Path | Map
     name = str(source) if not isinstance(source, Mapping) else "state dict"
     obj = safe_load(source) if not isinstance(source, Mapping) else source
     state = backbone_state_dict(extract_state_dict(obj, name))
+    spec = getattr(model, "spec", None)
+    if spec is not None:
+        _check_backbone_family(backbone, state, spec.backbone, name)
     check_fit(
         backbone, state, name,
         "a backbone file must match the backbone's architecture (e.g. resnet18-imagenet.pth for resnet18)",

@@ -10,11 +10,13 @@ published (github.com/ayoubkarine/CSKD)  cskd                                 wh
 ``auxlayer.``                            ``aux_head.``                         models with an auxiliary head
 ``head.block.4.``                        ``head.classifier.``                  DeepLabV3 (published: last layer of
                                                                                ``head.block``; cskd: its own module)
+``head.conv_last.0.`` / ``.1.``          ``head.fusion.`` / ``head.classifier.``  UperNet (CIRKDV2 ``upernet_lite``)
 ``module.`` (DDP wrapper)                (dropped)                             any file saved from a DDP model
 =====================================  ===================================  ==================================
 
-The published model names are ``deeplabv3`` / ``psp`` (ResNet backbones) and ``deeplab_mobile`` / ``psp_mobile``
-(MobileNetV2). ImageNet backbone files (``resnet18-imagenet.pth``, ``mobilenetv2-imagenet.pth``, ...) are keyed like
+The published model names are ``deeplabv3`` / ``psp`` (ResNet backbones), ``deeplab_mobile`` / ``psp_mobile``
+(MobileNetV2), and in CIRKDV2 ``deeplabv3_mobilenet_ssseg`` / ``psp_mobile`` (MobileNetV3, whose backbone has no
+``net.`` wrapper) and ``upernet_lite`` (UperNet-R18, FPN width 128; ``upernet`` for the wider ResNets). ImageNet backbone files (``resnet18-imagenet.pth``, ``mobilenetv2-imagenet.pth``, ...) are keyed like
 the backbone module itself; :func:`backbone_state_dict` strips any wrapper prefix and drops an ImageNet classifier.
 """
 
@@ -29,20 +31,29 @@ StateDict = dict[str, Tensor]
 
 def official_model_name(model: str, backbone: str) -> str:
     """The published code's ``--student-model``/``--teacher-model`` name for a cskd (model, backbone) pair."""
+    if backbone.startswith("timm:"):
+        raise ValueError(f"no published counterpart for backbone {backbone!r}")
     mobile = backbone.startswith("mobilenet")
     if model == "deeplabv3":
+        if backbone.startswith("mobilenetv3"):
+            return "deeplabv3_mobilenet_ssseg"
         return "deeplab_mobile" if mobile else "deeplabv3"
     if model == "pspnet":
         return "psp_mobile" if mobile else "psp"
-    raise ValueError(f"no published counterpart for model {model!r}")
+    if model == "upernet" and backbone.startswith("resnet"):
+        return "upernet_lite" if backbone == "resnet18" else "upernet"
+    raise ValueError(f"no published counterpart for model {model!r} on backbone {backbone!r}")
 
 
 def _rules(model: str, backbone: str) -> list[tuple[str, str]]:
     """(published prefix, cskd prefix), most specific first."""
-    rules = [("pretrained.net.", "backbone.")] if backbone.startswith("mobilenet") else [("pretrained.", "backbone.")]
+    wrapped = backbone == "mobilenetv2"  # the published MobileNetV2 sits under ``net.``; MobileNetV3 does not
+    rules = [("pretrained.net.", "backbone.")] if wrapped else [("pretrained.", "backbone.")]
     rules.append(("auxlayer.", "aux_head."))
     if model == "deeplabv3":
         rules.append(("head.block.4.", "head.classifier."))
+    if model == "upernet":
+        rules += [("head.conv_last.0.", "head.fusion."), ("head.conv_last.1.", "head.classifier.")]
     return rules
 
 
