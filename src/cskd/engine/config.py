@@ -121,9 +121,20 @@ class TrainConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     batch_size: int = 16
     """Total over all processes (the published recipe: 16 over 2 GPUs)."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """SGD as published for the CNN students; AdamW as CIRKDV2 publishes for MobileViT (lr 9e-4, wd 0.01) and
+    SegFormer (lr 2e-4, wd 1e-4)."""
     lr: float = 0.02
     momentum: float = 0.9
+    """SGD only."""
     weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW only."""
+    eps: float = 1e-8
+    """AdamW only."""
+    no_decay_norm_bias: bool | None = None
+    """No weight decay on norm weights, biases and position terms; null = yes for AdamW, no for SGD (the published
+    SGD recipes decay every parameter)."""
     poly_power: float = 0.9
     aux_weight: float = 0.4
     seed: int = 0
@@ -155,6 +166,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be ≥ 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas) or self.eps <= 0:
+            raise ValueError(f"train.betas must lie in [0, 1) and train.eps be > 0, got {self.betas}, {self.eps}")
 
 
 @dataclass(frozen=True)

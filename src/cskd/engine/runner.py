@@ -27,6 +27,7 @@ from ..models.segmentor import SegOutput, Segmentor
 from .checkpointing import capture_rng, restore_rng
 from .config import ExperimentConfig
 from .distributed import DistEnv, all_gather_objects
+from .optim import build_optimizer
 from .step import TrainStep
 
 
@@ -79,10 +80,9 @@ class StepRunner:
             raise ConfigError("train.amp=fp16 needs CUDA; use bf16 or none on the CPU")
         self.channels_last = t.channels_last and self.device.type == "cuda"
         self._build_models()
-        params = [p for p in self.step_module.parameters() if p.requires_grad]
-        # One fused kernel for the whole update on CUDA instead of a few per parameter tensor.
-        self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                                         fused=self.device.type == "cuda")
+        # train.optimizer: SGD or AdamW (engine/optim.py). One fused kernel for the whole update on CUDA instead of
+        # a few per parameter tensor.
+        self.optimizer = build_optimizer(self.step_module, t, fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.set_schedule(t.budget.iterations or 1)
 

@@ -21,23 +21,24 @@ NormLayer = Callable[[int], nn.Module]
 MAX_STAGES = 4
 
 
-def _timm() -> Any:
+def _timm(name: str = "<name>") -> Any:
     try:
         import timm
     except ImportError:
         raise ValueError(
-            "a 'timm:<name>' backbone needs timm, an optional dependency: pip install 'cskd[timm]' (or timm)"
+            f"backbone 'timm:{name}' needs timm, an optional dependency: pip install 'cskd[timm]' (or timm)"
         ) from None
     return timm
 
 
 @lru_cache(maxsize=1)
 def _all_names() -> tuple[str, ...]:
-    return tuple(_timm().list_models())
+    return tuple(_timm().list_models())  # only called after _timm(name) succeeded
 
 
 def check_timm_name(name: str) -> None:
     """ValueError naming the value and the closest timm model names, if timm has no model ``name``."""
+    _timm(name)
     names = _all_names()
     if name in names:
         return
@@ -55,7 +56,7 @@ class TimmBackbone(nn.Module):
     ) -> None:
         super().__init__()
         del norm_layer  # timm's models bring their own norm layers
-        timm = _timm()
+        timm = _timm(name)
         check_timm_name(name)
         kwargs: dict[str, Any] = {"features_only": True}
         if pretrained is not None:
