@@ -300,3 +300,28 @@ def test_models_and_info_commands(capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["info", "deeplabv3", TIMM_SMALL, "--size", "64", "64"]) == 0
     assert main(["info", "deeplabv3", "resnet34"]) == 1
     assert "unknown backbone 'resnet34'" in capsys.readouterr().err
+
+
+def test_pretrained_base_of_another_family_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "mobilenetv2-imagenet.pth"
+    torch.save(build_backbone("mobilenetv2").state_dict(), path)
+    with pytest.raises(CheckpointError) as e:
+        build_segmentor("deeplabv3", "mobilenetv3_large", 19, pretrained_base=path)
+    assert "\n" not in str(e.value) and "holds a 'mobilenetv2' backbone" in str(e.value)
+
+
+def test_a_builder_taking_pretrained_loads_its_own_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The contract lets a backbone read its own file layouts (SegFormer's, Hugging Face's): a builder with a
+    ``pretrained`` parameter receives the path instead of the generic strict load."""
+    from cskd.models.backbones import _registry
+
+    seen: list[object] = []
+
+    def builder(norm_layer=nn.BatchNorm2d, pretrained=None):  # noqa: ANN001, ANN202
+        seen.append(pretrained)
+        return build_backbone("mobilenetv3_small")
+
+    monkeypatch.setattr(_registry, "BACKBONES", dict(_registry.BACKBONES))
+    _registry.register_backbone("self_loading_test")(builder)
+    build_segmentor("fcn", "self_loading_test", 3, pretrained_base=tmp_path / "any-layout.bin")
+    assert seen == [tmp_path / "any-layout.bin"]

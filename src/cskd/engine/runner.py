@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..evaluation.inference import resolve_amp
 from ..losses import build_loss
 from ..losses.base import DistillLoss
-from ..models import build_segmentor, load_backbone_weights, load_weights, safe_load
+from ..models import build_segmentor, load_weights, safe_load
 from ..models.fusion import fold_batchnorm_
 from ..models.segmentor import SegOutput, Segmentor
 from .checkpointing import capture_rng, restore_rng
@@ -91,9 +91,8 @@ class StepRunner:
     def _build_models(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         m = cfg.model
-        student = build_segmentor(m.model, m.backbone, self.num_classes, m.aux)
-        if m.pretrained_base:
-            load_backbone_weights(student, m.pretrained_base)
+        # pretrained_base goes to the backbone's builder (it may convert its own file layouts: timm, SegFormer)
+        student = build_segmentor(m.model, m.backbone, self.num_classes, m.aux, pretrained_base=m.pretrained_base)
         if m.weights:
             load_weights(student, m.weights)
 

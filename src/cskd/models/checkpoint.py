@@ -170,16 +170,20 @@ def load_weights(
     model.load_state_dict(state, strict=strict)
 
 
-def load_backbone_weights(model: Segmentor | nn.Module, source: str | Path | Mapping[str, Tensor]) -> None:
+def load_backbone_weights(
+    model: Segmentor | nn.Module, source: str | Path | Mapping[str, Tensor], backbone_name: str | None = None
+) -> None:
     """Load ImageNet backbone weights (e.g. ``resnet18-imagenet.pth``) into a segmentor's backbone (or into a
-    bare backbone module), strictly: every backbone tensor must come from the file."""
+    bare backbone module, named by ``backbone_name`` for the error messages), strictly: every backbone tensor must
+    come from the file."""
     backbone = model.backbone if isinstance(model, Segmentor) else model
     name = str(source) if not isinstance(source, Mapping) else "state dict"
     obj = safe_load(source) if not isinstance(source, Mapping) else source
     state = backbone_state_dict(extract_state_dict(obj, name))
     spec = getattr(model, "spec", None)
-    if spec is not None:
-        _check_backbone_family(backbone, state, spec.backbone, name)
+    backbone_name = backbone_name or (spec.backbone if spec is not None else None)
+    if backbone_name is not None:
+        _check_backbone_family(backbone, state, backbone_name, name)
     check_fit(
         backbone, state, name,
         "a backbone file must match the backbone's architecture (e.g. resnet18-imagenet.pth for resnet18)",

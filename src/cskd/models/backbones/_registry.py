@@ -7,14 +7,17 @@ A backbone is an ``nn.Module`` whose ``forward(x)`` returns its stage maps, shal
     @register_backbone("mobilenetv3_large", defaults=BackboneDefaults(head_channels={"deeplabv3": 128}))
     class MobileNetV3Large(nn.Module): ...
 
-The builder is called as ``builder(norm_layer=...)``; :func:`build_backbone` also loads ``pretrained`` (an
-ImageNet file on disk) into it. ``timm:<name>`` builds any timm model with ``features_only`` (see
+The builder is called as ``builder(norm_layer=..., pretrained=path_or_None)`` if it takes ``pretrained`` (it
+then loads that file itself, e.g. converting another layout), else as ``builder(norm_layer=...)`` and
+:func:`build_backbone` loads ``pretrained`` (an ImageNet file on disk) strictly with
+:func:`cskd.models.load_backbone_weights`. ``timm:<name>`` builds any timm model with ``features_only`` (see
 :mod:`cskd.models.backbones.timm_backbone`).
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,14 +109,19 @@ def build_backbone(
         # timm loads its own weight files (its key layout, its classifier filtering)
         return TimmBackbone(name[len(TIMM_PREFIX):], norm_layer=norm_layer, pretrained=pretrained)
     check_backbone_name(name)
-    body = BACKBONES[name].builder(norm_layer=norm_layer)
+    builder = BACKBONES[name].builder
+    loads_itself = "pretrained" in inspect.signature(builder).parameters
+    if loads_itself:  # the builder reads its own file layouts (e.g. converting a Hugging Face file)
+        body = builder(norm_layer=norm_layer, pretrained=pretrained)
+    else:
+        body = builder(norm_layer=norm_layer)
     for attr in ("out_channels", "reductions"):
         if not hasattr(body, attr):
             raise TypeError(f"backbone {name!r} breaks the contract: it has no attribute {attr!r}")
-    if pretrained is not None:
+    if pretrained is not None and not loads_itself:
         from ..checkpoint import load_backbone_weights
 
-        load_backbone_weights(body, pretrained)
+        load_backbone_weights(body, pretrained, backbone_name=name)
     return body
 
 
