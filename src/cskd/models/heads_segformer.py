@@ -47,8 +47,8 @@ class SegFormerHead(nn.Module):
         self.in_channels = tuple(int(c) for c in in_channels)
         if not self.in_channels:
             raise ValueError("SegFormerHead needs at least one stage")
-        for i, c in enumerate(self.in_channels, start=1):
-            self.add_module(f"linear_c{i}", LinearProjection(c, channels))
+        for i in range(len(self.in_channels), 0, -1):  # deepest first, as published (state-dict order)
+            self.add_module(f"linear_c{i}", LinearProjection(self.in_channels[i - 1], channels))
         self.linear_fuse = nn.Sequential(
             nn.Conv2d(len(self.in_channels) * channels, channels, 1), norm_layer(channels), nn.ReLU()
         )

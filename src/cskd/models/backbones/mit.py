@@ -174,15 +174,19 @@ class MixVisionTransformer(nn.Module):
             raise ValueError(f"MiT: per-stage settings differ in length: {[len(s) for s in settings]}")
         total = sum(depths)
         rates = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
-        prev, cur, red = in_channels, 0, 1
+        # Registered as published (all patch embeddings, then block/norm per stage): state dicts list the same order.
+        prev, red = in_channels, 1
         reductions = []
-        for i, (dim, depth, heads, sr, ratio, k, s) in enumerate(zip(*settings), start=1):
+        for i, (dim, k, s) in enumerate(zip(embed_dims, patch_sizes, strides), start=1):
             self.add_module(f"patch_embed{i}", OverlapPatchEmbed(prev, dim, k, s))
+            prev, red = dim, red * s
+            reductions.append(red)
+        cur = 0
+        for i, (dim, depth, heads, sr, ratio) in enumerate(zip(*settings[:5]), start=1):
             blocks = [MiTBlock(dim, heads, ratio, sr, rates[cur + j], norm_eps) for j in range(depth)]
             self.add_module(f"block{i}", nn.ModuleList(blocks))
             self.add_module(f"norm{i}", nn.LayerNorm(dim, eps=norm_eps))
-            prev, cur, red = dim, cur + depth, red * s
-            reductions.append(red)
+            cur += depth
         self.num_stages = len(embed_dims)
         self.out_channels: tuple[int, ...] = tuple(int(d) for d in embed_dims)
         self.reductions: tuple[int, ...] = tuple(reductions)
@@ -224,8 +228,8 @@ def mit_imagenet_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     Wrapper prefixes (``module.``, ``backbone.``) are stripped and the classifier is dropped."""
     from ..convert import strip_prefix, unwrap_state_dict
 
-    out = strip_prefix(unwrap_state_dict(state), "backbone.")
-    return {k: v for k, v in out.items() if not k.startswith("head.")}
+    kept = {k: v for k, v in unwrap_state_dict(state).items() if not k.startswith("head.")}
+    return strip_prefix(kept, "backbone.")
 
 
 def load_mit_imagenet(model: MixVisionTransformer, path: str | Path | Mapping[str, Tensor]) -> None:

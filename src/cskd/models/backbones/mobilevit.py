@@ -240,9 +240,8 @@ def mobilevit_imagenet_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tens
     from ..convert import strip_prefix, unwrap_state_dict
 
     out = {}
-    for key, value in strip_prefix(unwrap_state_dict(state), "backbone.").items():
-        if key.startswith("head."):
-            continue
+    kept = {k: v for k, v in unwrap_state_dict(state).items() if not k.startswith("head.")}
+    for key, value in strip_prefix(kept, "backbone.").items():
         key = key.replace("attn.qkv.", "attn.attn.in_proj_").replace("attn.proj.", "attn.attn.out_proj.")
         out[key] = value
     return out
