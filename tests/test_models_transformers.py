@@ -151,6 +151,8 @@ def test_segformer_forward_shapes_and_stride_four() -> None:
     assert head.channels == 32 and head.classifier.out_channels == 5
     with pytest.raises(ValueError, match="takes 4 stages"):
         head(stages[-2:])
+    with pytest.raises(TypeError, match="list of backbone stages"):
+        head(stages[-1])
 
 
 def test_mobilevit_stages() -> None:

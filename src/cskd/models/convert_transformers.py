@@ -314,6 +314,9 @@ def build_hf_segformer(
         some = ", ".join(list(raw)[:_MAX_NAMED])
         raise CheckpointError(f"{name}: not a transformers SegFormer file (no segformer.encoder.* / "
                               f"segformer.stages.* keys; first keys: {some})")
+    act = (config or {}).get("hidden_act", "gelu")
+    if act != "gelu":
+        raise CheckpointError(f"{name}: hidden_act {act!r} is not supported; MiT uses 'gelu'")
     state = from_hf_segformer(raw)
     cfg = hf_segformer_config(state, config)
     encoder = MixVisionTransformer(

@@ -58,6 +58,8 @@ class SegFormerHead(nn.Module):
 
     def forward(self, stages: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         n = len(self.in_channels)
+        if isinstance(stages, Tensor):
+            raise TypeError("SegFormerHead takes the list of backbone stages, not one map")
         if len(stages) < n:
             raise ValueError(f"SegFormerHead takes {n} stages; the backbone gave {len(stages)}")
         stages = list(stages)[-n:]
