@@ -301,9 +301,12 @@ def test_transformers_encoder_only_file_gives_the_encoder(tmp_path: Path) -> Non
     x = reference_input((1, 3, 64, 64), seed=10)
     with torch.no_grad():
         want = hf.segformer(pixel_values=x, output_hidden_states=True).hidden_states
-    body = build_hf_segformer(tmp_path).double().eval()
-    with torch.no_grad():
-        got = body(x)
-    assert len(got) == len(want) == 4
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    bare = {k[len("segformer."):]: v for k, v in hf.float().segformer.state_dict(prefix="segformer.").items()}
+    # The classification file; a bare SegformerModel state (no segformer. prefix) with the config given apart.
+    for source, config in ((tmp_path, None), (bare, tmp_path / "config.json")):
+        body = build_hf_segformer(source, config=config).double().eval()
+        with torch.no_grad():
+            got = body(x)
+        assert len(got) == len(want) == 4
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -158,8 +158,17 @@ _HF_BLOCK = (
 )
 
 
+def _with_model_prefix(state: Mapping[str, Tensor]) -> StateDict:
+    """A bare ``SegformerModel`` file (``encoder.*`` / ``stages.*``) gets the ``segformer.`` prefix of the task
+    models."""
+    if any(k.startswith("segformer.") for k in state):
+        return dict(state)
+    return {("segformer." + k if k.startswith(("encoder.", "stages.")) else k): v for k, v in state.items()}
+
+
 def is_hf_segformer_layout(state: Mapping[str, Tensor]) -> bool:
-    return any(k.startswith(("segformer.encoder.", "segformer.stages.")) for k in unwrap_state_dict(state))
+    keys = _with_model_prefix(unwrap_state_dict(state))
+    return any(k.startswith(("segformer.encoder.", "segformer.stages.")) for k in keys)
 
 
 def _to_hub_names(state: Mapping[str, Tensor]) -> StateDict:
@@ -179,7 +188,7 @@ def from_hf_segformer(state: Mapping[str, Tensor]) -> StateDict:
 
     Unknown keys are kept unchanged, so a strict load names them. The ImageNet classifier (``classifier.*``) of an
     encoder-only file is dropped."""
-    hub = _to_hub_names(unwrap_state_dict(state))
+    hub = _to_hub_names(_with_model_prefix(unwrap_state_dict(state)))
     out: StateDict = {}
     kv: dict[str, dict[str, Tensor]] = {}
     for key, value in hub.items():
