@@ -195,6 +195,10 @@ def test_mit_b0_imagenet_file_loads(tmp_path: Path) -> None:
     loaded = body.state_dict()
     assert loaded.keys() == {k for k, _ in enc}
     assert all(torch.equal(loaded[k], state[k]) for k in loaded)
+    # A CIRKDV2 SegFormer checkpoint initialises the encoder as well (its decoder is left out).
+    full = transformer_state(cirkdv2_layout("segformer_MiT_B0"), seed=5)
+    loaded = mit_b0(pretrained=full).state_dict()
+    assert all(torch.equal(loaded[k], full[k]) for k in loaded)
 
 
 def _mmpretrain_mobilevit_layout() -> list[tuple[str, list[int]]]:

@@ -165,7 +165,7 @@ class MixVisionTransformer(nn.Module):
         drop_path_rate: float = 0.1,
         norm_eps: float = 1e-6,
         norm_layer: NormLayer | None = None,
-        pretrained: str | Path | None = None,
+        pretrained: str | Path | Mapping[str, Tensor] | None = None,
     ) -> None:
         super().__init__()
         del norm_layer  # no BatchNorm in the encoder (see the module docstring)
@@ -225,10 +225,13 @@ class MixVisionTransformer(nn.Module):
 def mit_imagenet_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """An ImageNet MiT file (``mit_b0.pth`` …: encoder keys plus a 1000-class ``head.*``) → encoder keys.
 
-    Wrapper prefixes (``module.``, ``backbone.``) are stripped and the classifier is dropped."""
+    Wrapper prefixes (``module.``, ``backbone.``) are stripped and the classifier is dropped; so is the decoder of
+    a segmentor file (cskd's ``head.*``, CIRKDV2's ``linear_c*`` / ``linear_fuse`` / ``linear_pred``), which makes
+    those usable as encoder initialisation too."""
     from ..convert import strip_prefix, unwrap_state_dict
 
-    kept = {k: v for k, v in unwrap_state_dict(state).items() if not k.startswith("head.")}
+    decoder = ("head.", "linear_c", "linear_fuse.", "linear_pred.")
+    kept = {k: v for k, v in unwrap_state_dict(state).items() if not k.startswith(decoder)}
     return strip_prefix(kept, "backbone.")
 
 
@@ -248,7 +251,9 @@ def _factory(name: str) -> Callable[..., MixVisionTransformer]:
     dims, depths = _VARIANTS[name]
 
     def build(
-        norm_layer: NormLayer | None = None, pretrained: str | Path | None = None, **kwargs: Any
+        norm_layer: NormLayer | None = None,
+        pretrained: str | Path | Mapping[str, Tensor] | None = None,
+        **kwargs: Any,
     ) -> MixVisionTransformer:
         return MixVisionTransformer(dims, depths, norm_layer=norm_layer, pretrained=pretrained, **kwargs)
 

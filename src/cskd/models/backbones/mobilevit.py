@@ -181,7 +181,7 @@ class MobileViT(nn.Module):
     def __init__(
         self,
         norm_layer: NormLayer = nn.BatchNorm2d,
-        pretrained: str | Path | None = None,
+        pretrained: str | Path | Mapping[str, Tensor] | None = None,
         settings: tuple[tuple[Any, ...], ...] = _XXS,
         stem_channels: int = 16,
         last_expansion: int = 4,
@@ -259,7 +259,9 @@ def load_mobilevit_imagenet(model: MobileViT, path: str | Path | Mapping[str, Te
     model.load_state_dict(state)
 
 
-def mobilevit_xx_small(norm_layer: NormLayer = nn.BatchNorm2d, pretrained: str | Path | None = None) -> MobileViT:
+def mobilevit_xx_small(
+    norm_layer: NormLayer = nn.BatchNorm2d, pretrained: str | Path | Mapping[str, Tensor] | None = None
+) -> MobileViT:
     """MobileViT-XXS at output stride 8: stages of 24, 48, 64 and 320 channels at 1/4, 1/8, 1/8, 1/8."""
     return MobileViT(norm_layer, pretrained)
 
