@@ -15,25 +15,21 @@ import torch
 from torch import nn
 
 from cskd.errors import CheckpointError
-from cskd.models.backbones import mit as mit_module
-from cskd.models.backbones import mobilevit as mobilevit_module
-from cskd.models.backbones.mit import mit_b0, mit_b1, mit_b2, mit_b3, mit_b4, mit_b5
-from cskd.models.backbones.mobilevit import mobilevit_xx_small
-from cskd.models.convert import from_official, to_official
-from cskd.models.convert_transformers import (
-    build_hf_segformer,
-    from_cirkd_segformer,
-    is_cirkd_segformer_layout,
-    to_cirkd_segformer,
-)
-from cskd.models.heads import DeepLabV3Head, PSPHead
-from cskd.models.heads_segformer import SegFormerHead
+from cskd.models import build_segmentor, load_weights
+from cskd.models.backbones import BACKBONES, backbone_defaults
+from cskd.models.backbones.mit import mit_b0, mit_b1, mit_b2, mit_b3, mit_b5
+from cskd.models.backbones.mobilevit import mobilevit_xxs
+from cskd.models.convert import from_official, is_cirkd_segformer_layout, to_official
+from cskd.models.convert_transformers import build_hf_segformer
+from cskd.models.heads import SegFormerHead
 from cskd.models.segmentor import Segmentor
 from transformer_weights import DATA, cirkdv2_layout, reference_input, summarise, transformer_state
 
-SEGFORMER = {"segformer_MiT_B0": (mit_b0, 256), "segformer_MiT_B4": (mit_b4, 768)}
-MOBILEVIT = {"deeplab_mobile_mobilevit_xx_small": ("deeplabv3", DeepLabV3Head),
-             "psp_mobile_mobilevit_xx_small": ("pspnet", PSPHead)}
+# published layout stem → (cskd model, backbone): every model is built by build_segmentor, the registered path
+SEGFORMER = {"segformer_MiT_B0": ("segformer", "mit_b0"), "segformer_MiT_B4": ("segformer", "mit_b4")}
+MOBILEVIT = {"deeplab_mobile_mobilevit_xx_small": ("deeplabv3", "mobilevit_xxs"),
+             "psp_mobile_mobilevit_xx_small": ("pspnet", "mobilevit_xxs")}
+MODELS = {**SEGFORMER, **MOBILEVIT}
 # a: the default; b: 9×11 at 1/8, MobileViT's patch-resize path; s: small, for the 64M-parameter MiT-B4
 INPUTS = {"a": ((1, 3, 64, 96), 7), "b": ((1, 3, 72, 88), 8), "s": ((1, 3, 32, 48), 7)}
 
@@ -51,7 +47,7 @@ def _published_state(cache: dict[str, dict[str, torch.Tensor]], name: str) -> di
 
 
 def _build(name: str) -> Segmentor:
-    return _segformer(name) if name in SEGFORMER else _mobilevit(name)
+    return build_segmentor(*MODELS[name], num_classes=19)
 
 
 def _loaded(name: str, state: dict[str, torch.Tensor]) -> Segmentor:
@@ -62,38 +58,26 @@ def _loaded(name: str, state: dict[str, torch.Tensor]) -> Segmentor:
     return net
 
 
-def _segformer(name: str) -> Segmentor:
-    factory, channels = SEGFORMER[name]
-    body = factory()
-    return Segmentor(body, SegFormerHead(body.out_channels, channels, 19))
-
-
-def _mobilevit(name: str) -> Segmentor:
-    body = mobilevit_xx_small()
-    return Segmentor(body, MOBILEVIT[name][1](body.out_channels[-1], 128, 19))
-
-
 def _converted(name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if name in SEGFORMER:
-        return from_cirkd_segformer(state)
-    return from_official(state, MOBILEVIT[name][0], "mobilevit_xx_small")
+    return from_official(state, *MODELS[name])
 
 
-def _run(net: Segmentor, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Backbone → head; SegFormer's head takes every stage, DeepLabV3/PSPNet the last."""
-    stages = net.backbone(x)
-    logits, feats = net.head(stages if isinstance(net.head, SegFormerHead) else stages[-1])
-    return stages, logits, feats
+def _run(net: Segmentor, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    out = net(x)
+    return out.stages, out.logits, out.features
 
 
 @pytest.mark.parametrize("name", [*SEGFORMER, *MOBILEVIT])
 def test_cirkdv2_layout_loads_strictly_and_round_trips(name: str, published: dict) -> None:
     shapes = cirkdv2_layout(name)
     state = _published_state(published, name)
-    if name == "segformer_MiT_B0":  # one full build with initialised weights and a plain strict load
-        _build(name).load_state_dict(_converted(name, state), strict=True)
+    if name in ("segformer_MiT_B0", "deeplab_mobile_mobilevit_xx_small"):
+        # one full build with initialised weights, loaded strictly through the published-checkpoint path
+        net = _build(name)
+        load_weights(net, state)
+        assert all(torch.equal(v, state[k]) for k, v in to_official(net.state_dict(), *MODELS[name]).items())
     ours = _loaded(name, state).state_dict()
-    back = to_cirkd_segformer(ours) if name in SEGFORMER else to_official(ours, MOBILEVIT[name][0], "mobilevit")
+    back = to_official(ours, *MODELS[name])
     assert list(back) == [k for k, _ in shapes]  # same keys, in the published order
     for key, _ in shapes:
         assert torch.equal(back[key], state[key]), key
@@ -135,7 +119,7 @@ def test_mit_variants(factory, dims: tuple[int, ...], depths: tuple[int, ...]) -
         body = factory()
     assert body.out_channels == dims and body.reductions == (4, 8, 16, 32) and body.output_stride == 32
     assert tuple(len(getattr(body, f"block{i}")) for i in range(1, 5)) == depths
-    assert factory.__name__ in mit_module.DEFAULTS
+    assert BACKBONES[factory.__name__].builder is factory
 
 
 def test_segformer_forward_shapes_and_stride_four() -> None:
@@ -156,7 +140,7 @@ def test_segformer_forward_shapes_and_stride_four() -> None:
 
 
 def test_mobilevit_stages() -> None:
-    body = mobilevit_xx_small().eval()
+    body = mobilevit_xxs().eval()
     with torch.no_grad():
         stages = body(torch.randn(1, 3, 64, 64))
     assert body.out_channels == (24, 48, 64, 320) and body.reductions == (4, 8, 8, 8) and body.output_stride == 8
@@ -175,11 +159,13 @@ def test_stochastic_depth_only_in_training() -> None:
 
 
 def test_published_defaults() -> None:
-    assert mit_module.DEFAULTS["mit_b0"]["head_channels"] == {"segformer": 256}
-    assert mit_module.DEFAULTS["mit_b4"]["head_channels"] == {"segformer": 768}
-    assert mobilevit_module.DEFAULTS["mobilevit_xx_small"]["head_channels"] == {"deeplabv3": 128, "pspnet": 128}
-    for defaults in (*mit_module.DEFAULTS.values(), *mobilevit_module.DEFAULTS.values()):
-        assert defaults["aux"] is False and defaults["aux_stage"] == -2
+    assert backbone_defaults("mit_b0").head_channels == {"segformer": 256}
+    assert backbone_defaults("mit_b4").head_channels == {"segformer": 768}
+    assert backbone_defaults("mobilevit_xxs").head_channels == {"deeplabv3": 128, "pspnet": 128}
+    for name in ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5", "mobilevit_xxs"):
+        d = backbone_defaults(name)
+        assert d.aux is False and d.aux_stage == -2
+    assert "mobilevit_xx_small" not in BACKBONES  # one name
 
 
 # ----------------------------------------------------------------------------------------------- ImageNet files
@@ -218,7 +204,7 @@ def test_mobilevit_imagenet_file_loads(tmp_path: Path) -> None:
     state = transformer_state(shapes, seed=4)
     path = tmp_path / "mobilevit-xxsmall_3rdparty_in1k_20221018-77835605.pth"
     torch.save({"meta": {"epoch": 300}, "state_dict": state}, path)
-    body = mobilevit_xx_small(pretrained=path)
+    body = mobilevit_xxs(pretrained=path)
     loaded = body.state_dict()
     assert len(loaded) == len(shapes) - 2
     assert torch.equal(loaded["layers.2.1.global_rep.0.attn.attn.in_proj_weight"],
@@ -236,7 +222,7 @@ def test_checkpoint_of_another_family_is_refused_in_one_line(tmp_path: Path) -> 
     mit_file = tmp_path / "mit_b0.pth"
     torch.save(mit_b0().state_dict(), mit_file)
     with pytest.raises(CheckpointError) as err:
-        mobilevit_xx_small(pretrained=mit_file)
+        mobilevit_xxs(pretrained=mit_file)
     msg = str(err.value)
     assert "\n" not in msg and "missing: stem.conv.weight" in msg and "unexpected: patch_embed1.proj.weight" in msg
     with pytest.raises(CheckpointError, match="not a transformers SegFormer file") as err:

@@ -43,9 +43,26 @@ def _timm_available() -> bool:
 
 # The Bottleneck ResNets share their module tree and heads with ResNet-18: one head each keeps the suite fast.
 _SLOW = {"resnet50": "upernet", "resnet101": "pspnet"}
-PAIRS = [(h, b) for b in backbone_names() for h in head_names() if _SLOW.get(b, h) == h]
+# MiT-B1…B5 share MiT-B0's module tree (wider / deeper): every head on them is checked on the meta device (shapes,
+# strides, stages: no weights, no compute), MiT-B0 for real.
+_META = {"mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"}
+PAIRS = [(h, b) for b in backbone_names() if b not in _META for h in head_names() if _SLOW.get(b, h) == h]
+META_PAIRS = [(h, b) for b in sorted(_META) for h in head_names()]
 if _timm_available():
     PAIRS += [(h, TIMM_SMALL) for h in head_names()]
+
+
+def _check_shapes(net, out, size: int) -> None:  # noqa: ANN001
+    body = net.backbone
+    assert len(body.out_channels) == len(body.reductions) and body.output_stride == body.reductions[-1]
+    os_ = net.output_stride
+    assert out.logits.shape == (1, 3, size // os_, size // os_)
+    assert out.features.shape == (1, net.feature_channels, size // os_, size // os_)
+    assert net.feature_stride == os_
+    assert out.aux_logits is not None and out.aux_logits.shape[:2] == (1, 3)
+    assert [tuple(s.shape[1:]) for s in out.stages] == [
+        (c, size // r, size // r) for c, r in zip(net.stage_channels, net.stage_reductions)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- every pair
@@ -55,19 +72,10 @@ if _timm_available():
 def test_every_backbone_and_head_builds_runs_and_round_trips(tmp_path: Path, model: str, backbone: str) -> None:
     torch.manual_seed(0)
     net = build_segmentor(model, backbone, num_classes=3, aux=True).eval()
-    body = net.backbone
-    assert len(body.out_channels) == len(body.reductions) and body.output_stride == body.reductions[-1]
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         out = net(x, with_aux=True)
-    os_ = net.output_stride
-    assert out.logits.shape == (1, 3, 64 // os_, 64 // os_)
-    assert out.features.shape == (1, net.feature_channels, 64 // os_, 64 // os_)
-    assert net.feature_stride == os_
-    assert out.aux_logits is not None and out.aux_logits.shape[:2] == (1, 3)
-    assert [tuple(s.shape[1:]) for s in out.stages] == [
-        (c, 64 // r, 64 // r) for c, r in zip(net.stage_channels, net.stage_reductions)
-    ]
+    _check_shapes(net, out, 64)
     # a cskd checkpoint (spec + weights) rebuilds the same network
     path = tmp_path / "ckpt.pt"
     torch.save({"spec": net.spec.to_dict(), "model": net.state_dict()}, path)
@@ -76,16 +84,31 @@ def test_every_backbone_and_head_builds_runs_and_round_trips(tmp_path: Path, mod
         torch.testing.assert_close(again(x).logits, out.logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("model,backbone", META_PAIRS)
+def test_every_head_on_the_bigger_mit_variants_meta(model: str, backbone: str) -> None:
+    with torch.device("meta"):
+        net = build_segmentor(model, backbone, num_classes=3, aux=True).eval()
+        out = net(torch.empty(1, 3, 64, 64), with_aux=True)
+    _check_shapes(net, out, 64)
+
+
 def test_registries_hold_the_published_families() -> None:
-    assert {"resnet18", "resnet50", "resnet101", "mobilenetv2", "mobilenetv3_small",
-            "mobilenetv3_large"} <= set(BACKBONES)
-    assert {"deeplabv3", "pspnet", "fcn", "upernet"} <= set(HEADS)
+    assert {"resnet18", "resnet50", "resnet101", "mobilenetv2", "mobilenetv3_small", "mobilenetv3_large",
+            "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5", "mobilevit_xxs"} <= set(BACKBONES)
+    assert {"deeplabv3", "pspnet", "fcn", "upernet", "segformer"} <= set(HEADS)
     # published defaults: head widths and aux heads come from the backbone, not from name tests
     assert build_segmentor("upernet", "resnet18", 19).feature_channels == 128
     assert build_segmentor("deeplabv3", "resnet101", 19).feature_channels == 256
     assert build_segmentor("pspnet", "resnet101", 19).feature_channels == 512
     assert build_segmentor("deeplabv3", "mobilenetv3_large", 19).aux_head is None
     assert build_segmentor("upernet", "resnet18", 19).aux_head is not None
+    with torch.device("meta"):
+        b0 = build_segmentor("segformer", "mit_b0", 19)
+        b4 = build_segmentor("segformer", "mit_b4", 19)
+        mvit = build_segmentor("pspnet", "mobilevit_xxs", 19)
+    assert (b0.feature_channels, b0.output_stride, b0.aux_head) == (256, 4, None)
+    assert (b4.feature_channels, b4.output_stride, b4.aux_head) == (768, 4, None)
+    assert (mvit.feature_channels, mvit.output_stride, mvit.aux_head) == (128, 8, None)
 
 
 def test_a_new_backbone_is_one_registration(monkeypatch: pytest.MonkeyPatch) -> None:

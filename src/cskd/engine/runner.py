@@ -45,13 +45,12 @@ class PolyDecay:
 
 def load_teacher_weights(teacher: Segmentor, path: str) -> None:
     """Teacher files usually carry an auxiliary head the frozen teacher does not run here: drop it."""
-    from ..models.checkpoint import extract_state_dict
-    from ..models.convert import from_official, is_official_layout, unwrap_state_dict
+    from ..models.convert import to_cskd_state
+    from ..models.convert_transformers import read_state_file
 
-    state = extract_state_dict(safe_load(path), path)
+    state = read_state_file(path)  # .pth/.bin, .safetensors or a transformers save_pretrained directory
     assert teacher.spec is not None
-    state = from_official(state, teacher.spec.model, teacher.spec.backbone) if is_official_layout(state) \
-        else unwrap_state_dict(state)
+    state = to_cskd_state(state, teacher.spec.model, teacher.spec.backbone)
     state = {k: v for k, v in state.items() if not k.startswith("aux_head.")}
     load_weights(teacher, state, name=path)
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from .convert import backbone_state_dict, from_official, is_official_layout, unwrap_state_dict
+from .convert import backbone_state_dict, is_official_layout, to_cskd_state, unwrap_state_dict
 from .segmentor import Segmentor
 
 _MAX_LISTED = 8
@@ -148,18 +148,19 @@ def _segmentor_hint(model: Segmentor, state: Mapping[str, Tensor]) -> str:
 def load_weights(
     model: Segmentor, source: str | Path | Mapping[str, Tensor], strict: bool = True, name: str | None = None
 ) -> None:
-    """Load a full segmentor checkpoint into ``model``: a cskd checkpoint or a published CSKD/CIRKD file
-    (detected by its ``pretrained.*`` keys and converted). ``strict`` (the default) requires an exact fit.
+    """Load a full segmentor checkpoint into ``model``: a cskd checkpoint, a published CSKD/CIRKD/CIRKDV2 file
+    (detected by its ``pretrained.*`` keys, or CIRKDV2 SegFormer's top-level encoder, and converted) or a Hugging
+    Face ``transformers`` SegFormer file (detected by its ``segformer.*`` keys). ``strict`` (the default) requires an exact fit.
     ``name`` labels an in-memory state dict in error messages (a path labels itself)."""
     name = name or (str(source) if not isinstance(source, Mapping) else "state dict")
     obj = safe_load(source) if not isinstance(source, Mapping) else source
     state = extract_state_dict(obj, name)
-    if is_official_layout(state):
-        if model.spec is None:
-            raise CheckpointError(f"{name}: a published-layout file needs a model built by build_segmentor")
-        state = from_official(state, model.spec.model, model.spec.backbone)
+    if model.spec is not None:
+        state = to_cskd_state(state, model.spec.model, model.spec.backbone)
+    elif is_official_layout(state):
+        raise CheckpointError(f"{name}: a published-layout file needs a model built by build_segmentor")
     else:
-        state = unwrap_state_dict(state)
+        state = to_cskd_state(state, "", "")  # cskd or transformers keys need no model names
     if strict:
         if model.spec is not None:
             _check_backbone_family(model.backbone, state, model.spec.backbone, name)

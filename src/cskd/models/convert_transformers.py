@@ -1,21 +1,9 @@
 """Key mapping for the transformer students: CIRKDV2's SegFormer and MobileViT files, and Hugging Face
 ``transformers`` SegFormer checkpoints, into cskd's ``Segmentor(backbone, head)`` layout.
 
-CIRKDV2 SegFormer (``get_segmentation_model("segformer", "MiT_B*")``: encoder and decoder share one top-level
-namespace), published ↔ cskd, every rule a prefix rename:
-
-=================================================  ==============================
-published                                          cskd
-=================================================  ==============================
-``patch_embed{i}.`` ``block{i}.`` ``norm{i}.``     ``backbone.`` + the same
-``linear_c{i}.`` ``linear_fuse.``                  ``head.`` + the same
-``linear_pred.``                                   ``head.classifier.``
-``module.`` (DDP wrapper)                          (dropped)
-=================================================  ==============================
-
-CIRKDV2 MobileViT-XXS (``deeplab_mobile`` / ``psp_mobile``): the rules of :mod:`cskd.models.convert` for a
-non-MobileNet backbone already fit: ``pretrained.`` → ``backbone.``, and for DeepLabV3 ``head.block.4.`` →
-``head.classifier.``; PSPNet's head keys are equal.
+CIRKDV2's SegFormer and MobileViT files are published layouts: their rules are in :mod:`cskd.models.convert`
+(``CIRKD_SEGFORMER_RULES``; for MobileViT ``pretrained.`` → ``backbone.`` and for DeepLabV3 ``head.block.4.`` →
+``head.classifier.``), applied by the same loading path as every published checkpoint.
 
 ImageNet files: ``mit_b0.pth`` … is keyed like the encoder (its ``head.*`` classifier is dropped, see
 :func:`cskd.models.backbones.mit.mit_imagenet_state_dict`); the mmpretrain MobileViT file is converted by
@@ -85,44 +73,6 @@ def fit_or_raise(module: nn.Module, state: Mapping[str, Tensor], source: str, hi
             parts.append(f"{len(items)} {title}: {', '.join(items[:_MAX_NAMED])}{more}")
     msg = f"{source}: the weights do not fit {type(module).__name__}: " + "; ".join(parts)
     raise CheckpointError(msg + (f"; expected {hint}" if hint else ""))
-
-
-# ------------------------------------------------------------------------------------------- CIRKDV2 SegFormer
-
-CIRKD_SEGFORMER_RULES: tuple[tuple[str, str], ...] = (
-    (r"^(patch_embed\d+|block\d+|norm\d+)\.", r"backbone.\1."),
-    (r"^(linear_c\d+|linear_fuse)\.", r"head.\1."),
-    (r"^linear_pred\.", "head.classifier."),
-)
-"""(published pattern, cskd replacement) for CIRKDV2's ``segformer`` model; the first match applies."""
-
-
-def _apply(state: Mapping[str, Tensor], rules: tuple[tuple[str, str], ...]) -> StateDict:
-    out: StateDict = {}
-    for key, value in state.items():
-        for pattern, repl in rules:
-            new, n = re.subn(pattern, repl, key, count=1)
-            if n:
-                key = new
-                break
-        out[key] = value
-    return out
-
-
-def is_cirkd_segformer_layout(state: Mapping[str, Tensor]) -> bool:
-    keys = unwrap_state_dict(state)
-    return "patch_embed1.proj.weight" in keys and any(k.startswith("linear_pred.") for k in keys)
-
-
-def from_cirkd_segformer(state: Mapping[str, Tensor]) -> StateDict:
-    """CIRKDV2 SegFormer state dict → cskd ``Segmentor(MiT, SegFormerHead)`` keys."""
-    return _apply(unwrap_state_dict(state), CIRKD_SEGFORMER_RULES)
-
-
-def to_cirkd_segformer(state: Mapping[str, Tensor]) -> StateDict:
-    """cskd SegFormer state dict → CIRKDV2's keys (loadable by its ``get_segmentation_model("segformer", …)``)."""
-    back = ((r"^backbone\.", ""), (r"^head\.classifier\.", "linear_pred."), (r"^head\.", ""))
-    return _apply(unwrap_state_dict(state), back)
 
 
 # ---------------------------------------------------------------------------------------- Hugging Face SegFormer
@@ -306,7 +256,7 @@ def build_hf_segformer(
     file, or a state dict. ``config``: a ``config.json`` path or its dict, if not beside the weights.
     """
     from .backbones.mit import MixVisionTransformer
-    from .heads_segformer import SegFormerHead
+    from .heads.segformer import SegFormerHead
     from .segmentor import Segmentor
 
     name = str(source) if not isinstance(source, Mapping) else "state dict"
@@ -347,6 +297,5 @@ def build_hf_segformer(
     return model
 
 
-__all__ = ["CIRKD_SEGFORMER_RULES", "build_hf_segformer", "fit_or_raise", "from_cirkd_segformer",
-           "from_hf_segformer", "hf_segformer_config", "is_cirkd_segformer_layout", "is_hf_segformer_layout",
-           "read_state_file", "to_cirkd_segformer"]
+__all__ = ["build_hf_segformer", "fit_or_raise", "from_hf_segformer", "hf_segformer_config", "is_hf_segformer_layout",
+           "read_state_file"]

@@ -20,9 +20,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._registry import BackboneDefaults, register_backbone
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -36,13 +37,12 @@ _VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "mit_b5": ((64, 128, 320, 512), (3, 6, 40, 3)),
 }
 
-# Published defaults as CIRKDV2's SegFormer uses them: an all-MLP decoder 256 wide on B0/B1 and 768 wide on B2-B5,
-# no auxiliary head. No DeepLabV3/PSPNet head is published on MiT, so none is declared here.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    name: {"head_channels": {"segformer": 256 if name in ("mit_b0", "mit_b1") else 768}, "aux": False,
-           "aux_stage": -2}
-    for name in _VARIANTS
-}
+
+def _defaults(name: str) -> BackboneDefaults:
+    """Published defaults as CIRKDV2's SegFormer uses them: an all-MLP decoder 256 wide on B0/B1 and 768 wide on
+    B2-B5, no auxiliary head. No DeepLabV3/PSPNet head is published on MiT: those use the heads' own widths."""
+    return BackboneDefaults(head_channels={"segformer": 256 if name in ("mit_b0", "mit_b1") else 768}, aux=False,
+                            family="mit")
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
@@ -236,13 +236,23 @@ def mit_imagenet_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_mit_imagenet(model: MixVisionTransformer, path: str | Path | Mapping[str, Tensor]) -> None:
-    """Load an ImageNet MiT file into ``model`` strictly (every encoder tensor must come from the file)."""
+    """Load an ImageNet MiT file into ``model`` strictly (every encoder tensor must come from the file).
+
+    Also takes a transformers file (``nvidia/mit-b0``'s ``model.safetensors`` / ``pytorch_model.bin``, or a
+    ``save_pretrained`` directory), detected by its layout; its encoder is used."""
     from ..checkpoint import extract_state_dict, safe_load
-    from ..convert_transformers import fit_or_raise
+    from ..convert_transformers import fit_or_raise, from_hf_segformer, is_hf_segformer_layout, read_state_file
 
     name = str(path) if not isinstance(path, Mapping) else "state dict"
-    obj = safe_load(path) if not isinstance(path, Mapping) else path
-    state = mit_imagenet_state_dict(extract_state_dict(obj, name))
+    if isinstance(path, Mapping):
+        raw = extract_state_dict(path, name)
+    elif Path(path).is_dir() or Path(path).suffix == ".safetensors":
+        raw = read_state_file(path)
+    else:
+        raw = extract_state_dict(safe_load(path), name)
+    if is_hf_segformer_layout(raw):
+        raw = {k: v for k, v in from_hf_segformer(raw).items() if k.startswith("backbone.")}
+    state = mit_imagenet_state_dict(raw)
     fit_or_raise(model, state, name, "an MiT ImageNet file of the same variant (e.g. mit_b0.pth for mit_b0)")
     model.load_state_dict(state)
 
@@ -250,6 +260,7 @@ def load_mit_imagenet(model: MixVisionTransformer, path: str | Path | Mapping[st
 def _factory(name: str) -> Callable[..., MixVisionTransformer]:
     dims, depths = _VARIANTS[name]
 
+    @register_backbone(name, defaults=_defaults(name))
     def build(
         norm_layer: NormLayer | None = None,
         pretrained: str | Path | Mapping[str, Tensor] | None = None,
@@ -269,5 +280,5 @@ mit_b3 = _factory("mit_b3")
 mit_b4 = _factory("mit_b4")
 mit_b5 = _factory("mit_b5")
 
-__all__ = ["DEFAULTS", "MiTBlock", "MixVisionTransformer", "load_mit_imagenet", "mit_b0", "mit_b1", "mit_b2",
+__all__ = ["MiTBlock", "MixVisionTransformer", "load_mit_imagenet", "mit_b0", "mit_b1", "mit_b2",
            "mit_b3", "mit_b4", "mit_b5", "mit_imagenet_state_dict"]

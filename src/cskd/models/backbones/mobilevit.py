@@ -29,12 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-NormLayer = Callable[[int], nn.Module]
+from ._registry import BackboneDefaults, register_backbone
 
-# Published defaults as CIRKDV2 uses them: DeepLabV3 and PSPNet heads 128 wide, no auxiliary head.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "mobilevit_xx_small": {"head_channels": {"deeplabv3": 128, "pspnet": 128}, "aux": False, "aux_stage": -2},
-}
+NormLayer = Callable[[int], nn.Module]
 
 # Per layer: (kind, out channels, stride, expansion, dilation, transformer width, FFN width, transformer blocks).
 _XXS = (
@@ -259,12 +256,15 @@ def load_mobilevit_imagenet(model: MobileViT, path: str | Path | Mapping[str, Te
     model.load_state_dict(state)
 
 
-def mobilevit_xx_small(
+# Published defaults as CIRKDV2 uses them: DeepLabV3 and PSPNet heads 128 wide, no auxiliary head.
+@register_backbone("mobilevit_xxs", defaults=BackboneDefaults(
+    head_channels={"deeplabv3": 128, "pspnet": 128}, aux=False, family="mobilevit"))
+def mobilevit_xxs(
     norm_layer: NormLayer = nn.BatchNorm2d, pretrained: str | Path | Mapping[str, Tensor] | None = None
 ) -> MobileViT:
     """MobileViT-XXS at output stride 8: stages of 24, 48, 64 and 320 channels at 1/4, 1/8, 1/8, 1/8."""
     return MobileViT(norm_layer, pretrained)
 
 
-__all__ = ["DEFAULTS", "MobileViT", "MobileViTBlock", "load_mobilevit_imagenet", "mobilevit_imagenet_state_dict",
-           "mobilevit_xx_small"]
+__all__ = ["MobileViT", "MobileViTBlock", "load_mobilevit_imagenet", "mobilevit_imagenet_state_dict",
+           "mobilevit_xxs"]

@@ -7,13 +7,15 @@ A new head is one new file in this package with a registered class, plus its imp
 
 from __future__ import annotations
 
-from . import deeplabv3, fcn, pspnet, upernet  # noqa: F401  (registration)
+from . import deeplabv3, fcn, pspnet, segformer, upernet  # noqa: F401  (registration)
 from ._common import ASPP, FCNHead, PyramidPooling, conv_bn_relu
 from ._registry import HEADS, HeadEntry, canonical_head_name, get_head, head_names, register_head
 from .deeplabv3 import DeepLabV3Head
 from .fcn import FCNSegHead
 from .pspnet import PSPHead
+from .segformer import SegFormerHead
 from .upernet import UperNetHead
 
 __all__ = ["ASPP", "DeepLabV3Head", "FCNHead", "FCNSegHead", "HEADS", "HeadEntry", "PSPHead", "PyramidPooling",
-           "UperNetHead", "canonical_head_name", "conv_bn_relu", "get_head", "head_names", "register_head"]
+           "SegFormerHead", "UperNetHead", "canonical_head_name", "conv_bn_relu", "get_head", "head_names",
+           "register_head"]

@@ -3,7 +3,8 @@
 Every stage map is projected to ``channels`` by a per-pixel linear layer (``linear_c1`` … ``linear_c4``),
 upsampled bilinearly to the first (1/4) stage's size, concatenated deepest first, fused by a 1×1 conv-BN-ReLU
 (``linear_fuse``: the ``features`` map) and classified by a 1×1 conv. Module names follow CIRKDV2's SegFormer
-except the classifier (published: ``linear_pred``); see :mod:`cskd.models.convert_transformers`.
+except the classifier (published: ``linear_pred``); see :mod:`cskd.models.convert`. The head reads every stage
+and its maps are at the first (shallowest) stage's stride: 1/4 on MiT, MobileNet, ResNet and MobileViT.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._registry import register_head
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -31,6 +34,7 @@ class LinearProjection(nn.Module):
         return y.transpose(1, 2).reshape(b, -1, h, w)
 
 
+@register_head("segformer", default_channels=256, min_stages=1, output_stage=0)
 class SegFormerHead(nn.Module):
     """All-MLP head on every stage; ``forward(stages)`` → ``(logits, features)``, both at the first stage's size
     (1/4 of the input on MiT)."""
