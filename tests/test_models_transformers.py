@@ -300,3 +300,74 @@ def test_transformers_encoder_only_file_gives_the_encoder(tmp_path: Path) -> Non
         assert len(got) == len(want) == 4
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------- the normal loading paths (registered models)
+
+
+def test_mit_b0_pth_through_backbone_state_dict_and_pretrained_base(tmp_path: Path) -> None:
+    from cskd.models import backbone_state_dict, load_backbone_weights
+
+    enc = [(k, s) for k, s in cirkdv2_layout("segformer_MiT_B0") if k.startswith(("patch_embed", "block", "norm"))]
+    state = transformer_state(enc + [("head.weight", [1000, 256]), ("head.bias", [1000])], seed=3)
+    path = tmp_path / "mit_b0.pth"
+    torch.save(state, path)
+    assert set(backbone_state_dict(state)) == {k for k, _ in enc}  # the ImageNet classifier head.* is dropped
+    net = build_segmentor("segformer", "mit_b0", 19)
+    load_backbone_weights(net, path)
+    assert torch.equal(net.backbone.block2[1].attn.kv.weight, state["block2.1.attn.kv.weight"])
+    built = build_segmentor("segformer", "mit_b0", 19, pretrained_base=path)  # the builder's own loader
+    assert all(torch.equal(v, state[k]) for k, v in built.backbone.state_dict().items())
+    with pytest.raises(CheckpointError, match="holds a 'mit_b0' backbone") as err:
+        load_backbone_weights(build_segmentor("segformer", "mit_b2", 19), path)
+    assert "\n" not in str(err.value)
+
+
+def test_cirkdv2_segformer_file_through_load_model_and_cskd_convert(tmp_path: Path, published: dict) -> None:
+    from cskd.cli import main
+    from cskd.models.loading import load_model
+
+    state = _published_state(published, "segformer_MiT_B0")
+    path = tmp_path / "segformer_MiT_B0_citys_best_model.pth"
+    torch.save(state, path)
+    loaded = load_model(path, model="segformer", backbone="mit_b0").model
+    assert loaded.spec.num_classes == 19 and loaded.aux_head is None
+    assert torch.equal(loaded.head.classifier.weight, state["linear_pred.weight"])
+    assert main(["convert", str(path), "--to", "cskd", "--model", "segformer", "--backbone", "mit_b0",
+                 "--out", str(tmp_path / "cskd.pth")]) == 0
+    assert main(["convert", str(tmp_path / "cskd.pth"), "--to", "official", "--model", "segformer",
+                 "--backbone", "mit_b0", "--out", str(tmp_path / "back.pth")]) == 0
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert list(back) == list(state) and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_transformers_file_through_the_normal_loading_path(tmp_path: Path) -> None:
+    """A transformers SegFormer file of a registered variant (MiT-B0 sizes) loads into
+    ``build_segmentor("segformer", "mit_b0")`` through ``load_weights`` / ``load_model`` / the teacher path,
+    detected by its layout. transformers' LayerNorms use ε = 1e-5 and the registered MiT 1e-6 (the published
+    value), so the logits agree to ~1e-5 here; :func:`build_hf_segformer` builds with 1e-5 for exact agreement."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    from cskd.engine.runner import load_teacher_weights
+    from cskd.models.loading import load_model
+
+    config = transformers.SegformerConfig(attn_implementation="sdpa", num_labels=5)  # the MiT-B0 defaults
+    torch.manual_seed(0)
+    hf = transformers.SegformerForSemanticSegmentation(config).eval()
+    hf.save_pretrained(tmp_path / "hub")
+    x = reference_input((1, 3, 64, 64), seed=11).float()
+    with torch.no_grad():
+        want = hf(pixel_values=x).logits
+    nets = [build_segmentor("segformer", "mit_b0", 5), build_segmentor("segformer", "mit_b0", 5)]
+    load_weights(nets[0], hf.state_dict())  # transformers-5 module names (segformer.stages.*)
+    load_teacher_weights(nets[1], str(tmp_path / "hub" / "model.safetensors"))
+    nets.append(load_model(tmp_path / "hub" / "model.safetensors", model="segformer", backbone="mit_b0").model)
+    nets.append(load_model(tmp_path / "hub", model="segformer", backbone="mit_b0").model)
+    for net in nets:
+        with torch.no_grad():
+            got = net.eval()(x).logits
+        assert got.shape == want.shape == (1, 5, 16, 16)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    # the encoder of a transformers file as model.pretrained_base (the builder's own loader; decoder left out)
+    body = build_segmentor("segformer", "mit_b0", 5, pretrained_base=tmp_path / "hub").backbone
+    assert all(torch.equal(v, nets[0].backbone.state_dict()[k]) for k, v in body.state_dict().items())

@@ -45,10 +45,18 @@ def _config(root: Path, out: Path, model: str, backbone: str, losses: list[dict]
 @pytest.mark.parametrize("model,backbone,losses,train", [
     ("deeplabv3", "mobilenetv3_small", [{"name": "cwd"}, {"name": "cskd"}], {}),
     ("upernet", "resnet18", [{"name": "kd"}, {"name": "cskd"}], {"optimizer": "adamw", "lr": 1e-4}),
+    # the transformer students: SegFormer-MiT-B0 (at 1/4, under a SegFormer teacher, as CIRKDV2's MiT-B4 → MiT-B0;
+    # the losses compare maps of one stride) and MobileViT-XXS (at 1/8, under the DeepLabV3-R18 teacher)
+    ("segformer", "mit_b0", [{"name": "kd"}, {"name": "cskd"}], {"optimizer": "adamw", "lr": 2e-4}),
+    ("deeplabv3", "mobilevit_xxs", [{"name": "cwd"}, {"name": "cskd"}], {"optimizer": "adamw", "lr": 9e-4,
+                                                                          "weight_decay": 0.01}),
 ])
 def test_two_iteration_distillation(synth_root: Path, tmp_path: Path, model: str, backbone: str,
                                     losses: list[dict], train: dict) -> None:
-    cfg = config_from_dict(_config(synth_root, tmp_path / "run", model, backbone, losses, **train))
+    raw = _config(synth_root, tmp_path / "run", model, backbone, losses, **train)
+    if model == "segformer":
+        raw["teacher"] = {"model": "segformer", "backbone": "mit_b0"}
+    cfg = config_from_dict(raw)
     result = Trainer(cfg, progress=False).fit()
     assert result.iterations == 2
     recs = read_records(tmp_path / "run" / "log.jsonl", "train")
@@ -93,3 +101,29 @@ def test_bad_optimizer_settings_are_config_errors(tmp_path: Path) -> None:
     bad.write_text("model:\n  backbone: timm:convnext_tinyy\n")
     with pytest.raises(ConfigError, match="convnext_tiny"):
         load_config(bad)
+
+
+def test_segformer_student_from_mit_b0_pth_and_cirkdv2_teacher(synth_root: Path, tmp_path: Path) -> None:
+    """``model.pretrained_base: mit_b0.pth`` (ImageNet file: encoder keys + a 1000-class ``head.*``) and a
+    published CIRKDV2 SegFormer teacher (top-level encoder, ``linear_pred``) through ``teacher.weights``."""
+    from cskd.models import build_segmentor
+    from cskd.models.convert import to_official
+
+    with torch.device("meta"):
+        enc = build_segmentor("segformer", "mit_b0", 3).backbone.state_dict()
+    g = torch.Generator().manual_seed(0)
+    imagenet = {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in enc.items()}
+    imagenet.update({"head.weight": torch.zeros(1000, 256), "head.bias": torch.zeros(1000)})
+    torch.save(imagenet, tmp_path / "mit_b0.pth")
+    teacher = build_segmentor("segformer", "mit_b0", 13)  # synthscapes: 13 classes
+    torch.save(to_official(teacher.state_dict(), "segformer", "mit_b0"), tmp_path / "segformer_MiT_B0_teacher.pth")
+    cfg = _config(synth_root, tmp_path / "run", "segformer", "mit_b0", [{"name": "kd"}], optimizer="adamw", lr=2e-4)
+    cfg["model"]["pretrained_base"] = str(tmp_path / "mit_b0.pth")
+    cfg["teacher"] = {"model": "segformer", "backbone": "mit_b0",
+                      "weights": str(tmp_path / "segformer_MiT_B0_teacher.pth")}
+    trainer = Trainer(config_from_dict(cfg), progress=False)
+    assert torch.equal(trainer.student.backbone.block4[1].mlp.fc2.weight.detach(), imagenet["block4.1.mlp.fc2.weight"])
+    assert trainer.runner.teacher is not None
+    assert torch.equal(trainer.runner.teacher.backbone.patch_embed1.proj.weight,
+                       teacher.backbone.patch_embed1.proj.weight)
+    assert trainer.fit().iterations == 2
