@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert", help="convert a checkpoint to the published code's layout (or from it)",
         description="Write the weights of CHECKPOINT as a bare state dict in the published code's key layout "
-                    "(--to official: loadable by its get_segmentation_model) or in cskd's (--to cskd). CHECKPOINT may be "
-                    "a cskd checkpoint, a published CSKD/CIRKD/CIRKDV2 file (SegFormer included) or a Hugging Face "
+                    "(--to official: loadable by its get_segmentation_model) or in cskd's (--to cskd). CHECKPOINT "
+                    "may be a cskd checkpoint, a published CSKD/CIRKD/CIRKDV2 file (SegFormer included) or a Hugging Face "
                     "transformers SegFormer file (.safetensors, .bin or a save_pretrained directory). The model is "
                     "read from a cskd checkpoint's spec, or given with --model/--backbone for a bare state dict. "
                     "The weights are checked against the model before anything is written.",

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..evaluation.inference import resolve_amp
 from ..losses import build_loss
 from ..losses.base import DistillLoss
-from ..models import build_segmentor, load_weights, safe_load
+from ..models import build_segmentor, load_weights
 from ..models.fusion import fold_batchnorm_
 from ..models.segmentor import SegOutput, Segmentor
 from .checkpointing import capture_rng, restore_rng

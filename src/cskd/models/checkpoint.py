@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from .convert import backbone_state_dict, is_official_layout, to_cskd_state, unwrap_state_dict
+from .convert import backbone_state_dict, is_official_layout, to_cskd_state
 from .segmentor import Segmentor
 
 _MAX_LISTED = 8
@@ -150,7 +150,8 @@ def load_weights(
 ) -> None:
     """Load a full segmentor checkpoint into ``model``: a cskd checkpoint, a published CSKD/CIRKD/CIRKDV2 file
     (detected by its ``pretrained.*`` keys, or CIRKDV2 SegFormer's top-level encoder, and converted) or a Hugging
-    Face ``transformers`` SegFormer file (detected by its ``segformer.*`` keys). ``strict`` (the default) requires an exact fit.
+    Face ``transformers`` SegFormer file (detected by its ``segformer.*`` keys). ``strict`` (the default)
+    requires an exact fit.
     ``name`` labels an in-memory state dict in error messages (a path labels itself)."""
     name = name or (str(source) if not isinstance(source, Mapping) else "state dict")
     obj = safe_load(source) if not isinstance(source, Mapping) else source

@@ -25,7 +25,8 @@ with a ``linear_pred`` / ``linear_c*`` decoder. :func:`to_cskd_state` also recog
 
 The published model names are ``deeplabv3`` / ``psp`` (ResNet backbones), ``deeplab_mobile`` / ``psp_mobile``
 (MobileNetV2), and in CIRKDV2 ``deeplabv3_mobilenet_ssseg`` / ``psp_mobile`` (MobileNetV3, whose backbone has no
-``net.`` wrapper) and ``upernet_lite`` (UperNet-R18, FPN width 128; ``upernet`` for the wider ResNets). ImageNet backbone files (``resnet18-imagenet.pth``, ``mobilenetv2-imagenet.pth``, ...) are keyed like
+``net.`` wrapper) and ``upernet_lite`` (UperNet-R18, FPN width 128; ``upernet`` for the wider ResNets), ``deeplab_mobile`` /
+``psp_mobile`` on MobileViT-XXS and ``segformer`` (MiT-B0…B5). ImageNet backbone files (``resnet18-imagenet.pth``, ``mobilenetv2-imagenet.pth``, ...) are keyed like
 the backbone module itself; :func:`backbone_state_dict` strips any wrapper prefix and drops an ImageNet classifier.
 """
 
