@@ -16,7 +16,12 @@ DATA = Path(__file__).parent / "data"
 
 
 def layout(name: str) -> list[tuple[str, list[int]]]:
-    return [(k, s) for k, s in json.loads((DATA / f"{name}.json").read_text())["state_dict"]]
+    """(key, shape) pairs of a layout file: ``state_dict`` as a list of pairs (the CSKD files) or ``keys`` as a
+    mapping (the CIRKDV2 files)."""
+    data = json.loads((DATA / f"{name}.json").read_text())
+    if "keys" in data:
+        return [(k, s) for k, s in data["keys"].items()]
+    return [(k, s) for k, s in data["state_dict"]]
 
 
 def deterministic_state(shapes: list[tuple[str, list[int]]], seed: int = 0) -> dict[str, torch.Tensor]:

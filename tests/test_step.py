@@ -34,7 +34,8 @@ def test_segmentation_ce_is_ce_of_the_interpolated_logits_with_ignore() -> None:
 
 
 @pytest.mark.parametrize("model,backbone", [("deeplabv3", "resnet18"), ("pspnet", "mobilenetv2"),
-                                            ("deeplabv3", "resnet101")])
+                                            ("deeplabv3", "resnet101"), ("deeplabv3", "mobilenetv3_small"),
+                                            ("upernet", "resnet18")])
 def test_batchnorm_folding_is_exact_and_complete(model: str, backbone: str) -> None:
     torch.manual_seed(0)
     net = build_segmentor(model, backbone, num_classes=7).eval()
@@ -52,7 +53,7 @@ def test_batchnorm_folding_is_exact_and_complete(model: str, backbone: str) -> N
     assert folded > 0 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     with torch.no_grad():
         after = net(x, with_aux=True)
-    for a, b in [*zip(before[:3], after[:3]), *zip(before.stages, after.stages)]:  # the backbone stages too
+    for a, b in zip((*before[:3], *before.stages), (*after[:3], *after.stages)):
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10 * a.abs().max().item())
 

@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..models.segmentor import MODELS, Segmentor, build_from_spec, build_segmentor, canonical_model_name
 from .files import safe_load
-from .official import from_official, is_official_layout, unwrap_state_dict
+from .official import to_cskd_state
 from .weights import extract_state_dict, load_weights
 
 
@@ -41,7 +41,12 @@ def load_model(
     """A segmentor with the weights of ``path``: a cskd checkpoint (rebuilt from its ``spec``) or a bare /
     published state dict (described by ``model`` / ``backbone``; classes and aux head are read off the weights)."""
     path = Path(path)
-    obj = safe_load(path)
+    if path.is_dir() or path.suffix == ".safetensors":  # a transformers file or save_pretrained directory
+        from .huggingface import read_state_file
+
+        obj: Any = read_state_file(path)
+    else:
+        obj = safe_load(path)
     ckpt = obj if isinstance(obj, Mapping) else {}
     spec = ckpt.get("spec")
     if isinstance(spec, Mapping):
@@ -62,7 +67,7 @@ def load_model(
             )
         state = extract_state_dict(obj, str(path))
         try:
-            state = from_official(state, model, backbone) if is_official_layout(state) else unwrap_state_dict(state)
+            state = to_cskd_state(state, canonical_model_name(model), backbone)
         except ValueError as e:
             raise ConfigError(f"{path}: {e}") from None
         if num_classes is None:

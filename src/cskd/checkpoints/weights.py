@@ -7,6 +7,7 @@ published-layout files are converted by :mod:`cskd.checkpoints.official`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..models.segmentor import Segmentor
 from .files import safe_load
-from .official import backbone_state_dict, from_official, is_official_layout, unwrap_state_dict
+from .official import backbone_state_dict, from_official, is_official_layout, to_cskd_state, unwrap_state_dict
 
 _MAX_LISTED = 8
 
@@ -71,6 +72,32 @@ def check_fit(module: nn.Module, state: Mapping[str, Tensor], source: str, hint:
     raise CheckpointError(msg + ("\n  " + hint if hint else ""))
 
 
+@lru_cache(maxsize=None)
+def _registered_layout(name: str) -> frozenset[tuple[str, tuple[int, ...]]]:
+    """(key, shape) pairs of a registered backbone's state dict, built on the meta device (no memory, no init)."""
+    from .backbones import BACKBONES
+
+    with torch.device("meta"):
+        module = BACKBONES[name].builder()
+    return frozenset((k, tuple(v.shape)) for k, v in module.state_dict().items())
+
+
+def _check_backbone_family(backbone: nn.Module, state: Mapping[str, Tensor], model_backbone: str, source: str) -> None:
+    """A one-line error when ``state``'s backbone entries are exactly another registered backbone's."""
+    from .backbones import backbone_names
+
+    got = frozenset((k, tuple(v.shape)) for k, v in backbone_state_dict(state).items())
+    own = frozenset((k, tuple(v.shape)) for k, v in backbone.state_dict().items())
+    if not got or got == own:
+        return
+    for name in backbone_names():
+        if name != model_backbone and _registered_layout(name) == got:
+            raise CheckpointError(
+                f"{source}: the checkpoint holds a {name!r} backbone and the model a {model_backbone!r} one; "
+                f"build the model with backbone {name!r} (choices: {', '.join(backbone_names())})"
+            )
+
+
 def _segmentor_hint(model: Segmentor, state: Mapping[str, Tensor]) -> str:
     spec = model.spec
     hints = []
@@ -93,19 +120,23 @@ def _segmentor_hint(model: Segmentor, state: Mapping[str, Tensor]) -> str:
 def load_weights(
     model: Segmentor, source: str | Path | Mapping[str, Tensor], strict: bool = True, name: str | None = None
 ) -> None:
-    """Load a full segmentor checkpoint into ``model``: a cskd checkpoint or a published CSKD/CIRKD file
-    (detected by its ``pretrained.*`` keys and converted). ``strict`` (the default) requires an exact fit.
+    """Load a full segmentor checkpoint into ``model``: a cskd checkpoint, a published CSKD/CIRKD/CIRKDV2 file
+    (detected by its ``pretrained.*`` keys, or CIRKDV2 SegFormer's top-level encoder, and converted) or a Hugging
+    Face ``transformers`` SegFormer file (detected by its ``segformer.*`` keys). ``strict`` (the default)
+    requires an exact fit.
     ``name`` labels an in-memory state dict in error messages (a path labels itself)."""
     name = name or (str(source) if not isinstance(source, Mapping) else "state dict")
     obj = safe_load(source) if not isinstance(source, Mapping) else source
     state = extract_state_dict(obj, name)
-    if is_official_layout(state):
-        if model.spec is None:
-            raise CheckpointError(f"{name}: a published-layout file needs a model built by build_segmentor")
-        state = from_official(state, model.spec.model, model.spec.backbone)
+    if model.spec is not None:
+        state = to_cskd_state(state, model.spec.model, model.spec.backbone)
+    elif is_official_layout(state):
+        raise CheckpointError(f"{name}: a published-layout file needs a model built by build_segmentor")
     else:
-        state = unwrap_state_dict(state)
+        state = to_cskd_state(state, "", "")  # cskd or transformers keys need no model names
     if strict:
+        if model.spec is not None:
+            _check_backbone_family(model.backbone, state, model.spec.backbone, name)
         check_fit(model, state, name, _segmentor_hint(model, state))
     else:
         own = model.state_dict()
@@ -113,13 +144,20 @@ def load_weights(
     model.load_state_dict(state, strict=strict)
 
 
-def load_backbone_weights(model: Segmentor | nn.Module, source: str | Path | Mapping[str, Tensor]) -> None:
+def load_backbone_weights(
+    model: Segmentor | nn.Module, source: str | Path | Mapping[str, Tensor], backbone_name: str | None = None
+) -> None:
     """Load ImageNet backbone weights (e.g. ``resnet18-imagenet.pth``) into a segmentor's backbone (or into a
-    bare backbone module), strictly: every backbone tensor must come from the file."""
+    bare backbone module, named by ``backbone_name`` for the error messages), strictly: every backbone tensor must
+    come from the file."""
     backbone = model.backbone if isinstance(model, Segmentor) else model
     name = str(source) if not isinstance(source, Mapping) else "state dict"
     obj = safe_load(source) if not isinstance(source, Mapping) else source
     state = backbone_state_dict(extract_state_dict(obj, name))
+    spec = getattr(model, "spec", None)
+    backbone_name = backbone_name or (spec.backbone if spec is not None else None)
+    if backbone_name is not None:
+        _check_backbone_family(backbone, state, backbone_name, name)
     check_fit(
         backbone, state, name,
         "a backbone file must match the backbone's architecture (e.g. resnet18-imagenet.pth for resnet18)",
@@ -129,11 +167,13 @@ def load_backbone_weights(model: Segmentor | nn.Module, source: str | Path | Map
 
 def load_teacher_weights(teacher: Segmentor, path: str, keep_aux: bool = False) -> None:
     """Teacher files usually carry an auxiliary head the frozen teacher does not run here: drop it (unless
-    ``keep_aux``: a loss that distils the aux logits, e.g. DIST, needs it)."""
-    state = extract_state_dict(safe_load(path), path)
+    ``keep_aux``: a loss that distils the aux logits, e.g. DIST, needs it). Any supported layout: cskd, published
+    CSKD/CIRKD/CIRKDV2, or a ``transformers`` SegFormer file or folder."""
+    from .huggingface import read_state_file
+
+    state = read_state_file(path)  # .pth/.bin, .safetensors or a transformers save_pretrained directory
     assert teacher.spec is not None
-    state = from_official(state, teacher.spec.model, teacher.spec.backbone) if is_official_layout(state) \
-        else unwrap_state_dict(state)
+    state = to_cskd_state(state, teacher.spec.model, teacher.spec.backbone)
     if not keep_aux:
         state = {k: v for k, v in state.items() if not k.startswith("aux_head.")}
     load_weights(teacher, state, name=path)

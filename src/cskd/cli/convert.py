@@ -12,15 +12,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert", help="convert a checkpoint to the published code's layout (or from it)",
         description="Write the weights of CHECKPOINT as a bare state dict in the published code's key layout "
-                    "(--to official: loadable by its get_segmentation_model) or in cskd's (--to cskd). The model is "
+                    "(--to official: loadable by its get_segmentation_model) or in cskd's (--to cskd). CHECKPOINT "
+                    "may be a cskd checkpoint, a published CSKD/CIRKD/CIRKDV2 file (SegFormer included) or a Hugging Face "
+                    "transformers SegFormer file (.safetensors, .bin or a save_pretrained directory). The model is "
                     "read from a cskd checkpoint's spec, or given with --model/--backbone for a bare state dict. "
                     "The weights are checked against the model before anything is written.",
     )
     p.add_argument("checkpoint")
     p.add_argument("--to", choices=("official", "cskd"), required=True)
     p.add_argument("--out", required=True, help="output file (refused if it exists, unless --overwrite)")
-    p.add_argument("--model", help="for a bare or published state dict: deeplabv3 or pspnet")
-    p.add_argument("--backbone", help="for a bare or published state dict: resnet18/50/101 or mobilenetv2")
+    p.add_argument("--model", help="for a bare or published state dict: deeplabv3, pspnet, upernet or segformer")
+    p.add_argument("--backbone", help="for a bare or published state dict: a registered backbone (cskd models), "
+                                      "e.g. resnet18, mobilenetv3_large, mobilevit_xxs, mit_b0")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import ConfigError
 from ..models import build_segmentor, model_info
-from ..models.backbones import BACKBONES
-from ..models.segmentor import MODELS
+from ..models.backbones import backbone_names
+from ..models.heads import head_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Build MODEL on BACKBONE with random weights and report its size and cost. GFLOPs are counted "
         "by torch.utils.flop_counter (a multiply-add = 2 FLOPs; convolutions and matrix products), batch 1.",
     )
-    p.add_argument("model", choices=MODELS + ("psp", "deeplab"), help="segmentation head")
-    p.add_argument("backbone", choices=sorted(BACKBONES))
+    p.add_argument("model", help=f"segmentation head: {', '.join(head_names())} (or psp, deeplab)")
+    p.add_argument("backbone", help=f"{', '.join(backbone_names())}, or timm:<name> (see 'cskd models')")
     p.add_argument("--size", nargs=2, type=int, default=(512, 1024), metavar=("H", "W"), help="input size")
     p.add_argument("--num-classes", type=int, default=19)
     p.add_argument("--no-aux", action="store_true", help="build without the auxiliary head")
@@ -27,7 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    net = build_segmentor(args.model, args.backbone, args.num_classes, aux=False if args.no_aux else None)
+    try:
+        net = build_segmentor(args.model, args.backbone, args.num_classes, aux=False if args.no_aux else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     info = model_info(net, tuple(args.size))
     if args.json:
         print(json.dumps(info.__dict__, indent=2))

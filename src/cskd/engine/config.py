@@ -66,19 +66,18 @@ class ModelConfig:
     model: str = "deeplabv3"
     backbone: str = "resnet18"
     aux: bool | None = None
-    """Auxiliary FCN head; null = the published choice (ResNets: yes, MobileNetV2: no)."""
+    """Auxiliary FCN head; null = the backbone's published choice (ResNets: yes, MobileNets and timm: no)."""
     pretrained_base: str | None = None
     """ImageNet backbone file (e.g. resnet18-imagenet.pth) to start from."""
     weights: str | None = None
     """A full segmentor checkpoint (cskd or published layout) to start from / to use as the teacher."""
 
     def __post_init__(self) -> None:
-        from ..models.backbones import BACKBONES
+        from ..models.backbones import check_backbone_name
         from ..models.segmentor import canonical_model_name
 
         canonical_model_name(self.model)  # raises ValueError naming the choices
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONES)}")
+        check_backbone_name(self.backbone)  # likewise (and for timm:<name>, the closest timm names)
 
 
 @dataclass(frozen=True)
@@ -122,9 +121,20 @@ class TrainConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     batch_size: int = 16
     """Total over all processes (the published recipe: 16 over 2 GPUs)."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """SGD as published for the CNN students; AdamW as CIRKDV2 publishes for MobileViT (lr 9e-4, wd 0.01) and
+    SegFormer (lr 2e-4, wd 1e-4)."""
     lr: float = 0.02
     momentum: float = 0.9
+    """SGD only."""
     weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW only."""
+    eps: float = 1e-8
+    """AdamW only."""
+    no_decay_norm_bias: bool | None = None
+    """No weight decay on norm weights, biases and position terms; null = yes for AdamW, no for SGD (the published
+    SGD recipes decay every parameter)."""
     poly_power: float = 0.9
     aux_weight: float = 0.4
     seed: int = 0
@@ -156,6 +166,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be ≥ 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas) or self.eps <= 0:
+            raise ValueError(f"train.betas must lie in [0, 1) and train.eps be > 0, got {self.betas}, {self.eps}")
 
 
 @dataclass(frozen=True)

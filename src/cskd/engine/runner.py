@@ -22,13 +22,14 @@ from ..evaluation.inference import resolve_amp
 from ..losses import LOSSES, _load_all, build_loss
 from ..losses.base import DistillLoss
 from ..checkpoints.files import capture_rng, restore_rng
-from ..checkpoints.weights import load_backbone_weights, load_teacher_weights, load_weights
+from ..checkpoints.weights import load_teacher_weights, load_weights
 from ..distributed import DistEnv, all_gather_objects
 from ..models import build_segmentor
 from ..models.fusion import fold_batchnorm_
 from ..models.segmentor import SegOutput, Segmentor
 from .auxiliary import AuxiliaryOptimizers
 from .config import ExperimentConfig
+from .optim import build_optimizer
 from .step import StepModule
 
 
@@ -68,11 +69,10 @@ class StepRunner:
             raise ConfigError("train.amp=fp16 needs CUDA; use bf16 or none on the CPU")
         self.channels_last = train_cfg.channels_last and self.device.type == "cuda"
         self._build_models()
-        # A loss's own second optimiser (a discriminator) trains its parameters; the student's leaves them alone.
-        params = [p for p in self.step_module.parameters() if p.requires_grad and not self.auxiliary.owns(p)]
-        # One fused kernel for the whole update on CUDA instead of a few per parameter tensor.
-        self.optimizer = torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum,
-                                         weight_decay=train_cfg.weight_decay, fused=self.device.type == "cuda")
+        # train.optimizer: SGD or AdamW (engine/optim.py), one fused kernel for the whole update on CUDA. A loss's
+        # own second optimiser (a discriminator) trains its parameters; the student's leaves them alone.
+        self.optimizer = build_optimizer(self.step_module, train_cfg, fused=self.device.type == "cuda",
+                                         exclude=self.auxiliary.owns)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.set_schedule(train_cfg.budget.iterations or 1)
 
@@ -81,9 +81,9 @@ class StepRunner:
     def _build_models(self) -> None:
         cfg, train_cfg = self.cfg, self.cfg.train
         model_cfg = cfg.model
-        student = build_segmentor(model_cfg.model, model_cfg.backbone, self.num_classes, model_cfg.aux)
-        if model_cfg.pretrained_base:
-            load_backbone_weights(student, model_cfg.pretrained_base)
+        # pretrained_base goes to the backbone's builder (it may convert its own file layouts: timm, SegFormer)
+        student = build_segmentor(model_cfg.model, model_cfg.backbone, self.num_classes, model_cfg.aux,
+                                  pretrained_base=model_cfg.pretrained_base)
         if model_cfg.weights:
             load_weights(student, model_cfg.weights)
 
@@ -200,9 +200,9 @@ class StepRunner:
             return None
         with torch.inference_mode(), self.autocast():
             out = self.teacher(x, with_aux=self.teacher_aux)
-        # Inference tensors may not be saved for backward; the copy (a few MB) makes them ordinary constants.
-        # The backbone's stage maps are copied only for a loss that reads them.
-        stages = tuple(v.clone() for v in out.stages) if (self.keep_teacher_stages and out.stages) else None
+        # Inference tensors may not be saved for backward; the copy (a few MB) makes them ordinary constants. The
+        # backbone stages are copied only for a loss that reads them (``uses_stages``): they are most of the size.
+        stages = tuple(s.clone() for s in out.stages) if self.keep_teacher_stages else ()
         return SegOutput(*(v.clone() if v is not None else None for v in out[:3]), stages)
 
     def step(self, x: Tensor, masks: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

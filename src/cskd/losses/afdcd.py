@@ -202,7 +202,7 @@ class AfDCDLoss(DistillLoss):
         return random_mask(b, h, w, self.mask_ratio, like.device, like.dtype)
 
     def forward(self, student: SegOutput, teacher: SegOutput, targets: Tensor | None = None) -> dict[str, Tensor]:
-        if student.stages is None or teacher.stages is None:
+        if not student.stages or not teacher.stages:
             raise ValueError("afdcd needs the backbone stages (SegOutput.stages)")
         fs, ft = student.stages[self.stage - 1], teacher.stages[self.stage - 1].detach()
         if fs.shape[0] != ft.shape[0] or fs.shape[-2:] != ft.shape[-2:]:

@@ -1,21 +1,25 @@
-"""A segmentor is a backbone plus a head (plus, for training, an auxiliary head); built by name."""
+"""A segmentor is a registered backbone plus a registered head (plus, for training, an auxiliary head); built by
+name. What a backbone or head must provide is in :mod:`cskd.models.backbones._registry` and
+:mod:`cskd.models.heads._registry`."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from torch import Tensor, nn
 
-from .backbones import BACKBONES
-from .heads import DeepLabV3Head, FCNHead, PSPHead
+from .backbones import backbone_defaults, build_backbone
+from .heads import HEADS, FCNHead, canonical_head_name, get_head
 
 NormLayer = Callable[[int], nn.Module]
 
 
 class SegOutput(NamedTuple):
-    """What every segmentor returns. All maps are at the backbone's output stride (1/8 of the input);
-    losses and inference resize ``logits`` to the label size themselves."""
+    """What every segmentor returns. ``logits``, ``aux_logits`` and ``features`` are at the model's
+    ``output_stride`` (1/8 of the input for the dilated CNNs, 1/4 for SegFormer); losses and inference resize
+    ``logits`` to the label size themselves."""
 
     logits: Tensor
     """B×K×h×w class scores."""
@@ -23,7 +27,9 @@ class SegOutput(NamedTuple):
     """B×K×h×w scores of the auxiliary head, or None (no aux head, or not asked for: see ``Segmentor.forward``)."""
     features: Tensor
     """B×C×h×w: the head's map right before its final 1×1 classifier, the one feature distillation compares."""
-    stages: tuple[Tensor, ...] | None = None
+    stages: tuple[Tensor, ...] = ()
+    """The backbone's stage maps, shallow to deep (widths ``Segmentor.stage_channels``, strides
+    ``Segmentor.stage_reductions``); empty where a caller dropped them."""
 
 
 @dataclass(frozen=True)
@@ -39,27 +45,34 @@ class ModelSpec:
         return asdict(self)
 
 
-# Head width per backbone output width, as published: 128 for the students (R18: 512 in, MobileNetV2: 320 in),
-# 256 (DeepLabV3) / 512 (PSPNet) for the Bottleneck ResNets (2048 in).
-_HEAD_CHANNELS = {
-    "deeplabv3": {512: 128, 320: 128, 2048: 256},
-    "pspnet": {512: 128, 320: 128, 2048: 512},
-}
-_MODEL_ALIASES = {"deeplabv3": "deeplabv3", "deeplab": "deeplabv3", "pspnet": "pspnet", "psp": "pspnet"}
-MODELS = tuple(sorted(_HEAD_CHANNELS))
+def _models() -> tuple[str, ...]:
+    return tuple(sorted(HEADS))
+
+
+MODELS = _models()
+"""The registered head names at import time (``deeplabv3``, ``fcn``, ``pspnet``, ``upernet``, ...)."""
 
 
 class Segmentor(nn.Module):
-    """``backbone`` → ``head`` (→ logits, features); ``aux_head`` on the second-to-last stage."""
+    """``backbone`` → all stages → ``head`` (→ logits, features); ``aux_head`` on stage ``aux_stage``."""
 
     def __init__(
-        self, backbone: nn.Module, head: nn.Module, aux_head: nn.Module | None = None, spec: ModelSpec | None = None
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        aux_head: nn.Module | None = None,
+        spec: ModelSpec | None = None,
+        *,
+        aux_stage: int = -2,
+        output_stride: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.aux_head = aux_head
         self.spec = spec
+        self.aux_stage = aux_stage
+        self._output_stride = int(output_stride if output_stride is not None else backbone.output_stride)
 
     @property
     def feature_channels(self) -> int:
@@ -71,23 +84,41 @@ class Segmentor(nn.Module):
 
     @property
     def output_stride(self) -> int:
-        return int(self.backbone.output_stride)
+        """Stride of ``logits`` / ``features`` (and ``aux_logits``' stage's) with respect to the input."""
+        return self._output_stride
+
+    @property
+    def feature_stride(self) -> int:
+        """Stride of ``features``: the same as ``logits`` for every registered head."""
+        return self._output_stride
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return tuple(self.backbone.out_channels)
+
+    @property
+    def stage_reductions(self) -> tuple[int, ...]:
+        return tuple(self.backbone.reductions)
 
     def forward(self, x: Tensor, with_aux: bool | None = None) -> SegOutput:
         """``with_aux`` defaults to ``self.training``: the auxiliary head only serves the training loss, so
         inference (and a frozen teacher) skips its cost."""
-        stages = self.backbone(x)
-        logits, features = self.head(stages[-1])
+        stages = tuple(self.backbone(x))
+        logits, features = self.head(stages)
         want_aux = self.training if with_aux is None else with_aux
-        aux = self.aux_head(stages[-2]) if (want_aux and self.aux_head is not None) else None
-        return SegOutput(logits, aux, features, tuple(stages))
+        aux = self.aux_head(stages[self.aux_stage]) if (want_aux and self.aux_head is not None) else None
+        return SegOutput(logits, aux, features, stages)
 
 
 def canonical_model_name(model: str) -> str:
-    try:
-        return _MODEL_ALIASES[model.lower()]
-    except KeyError:
-        raise ValueError(f"unknown model {model!r}; choose one of {sorted(set(_MODEL_ALIASES))}") from None
+    """The registered head name for ``model`` or an alias (``psp``, ``deeplab``); ValueError naming the choices."""
+    return canonical_head_name(model)
+
+
+def head_width(model: str, backbone: str) -> int:
+    """The head width the published recipe uses for this pair (the backbone's default, else the head's)."""
+    entry = get_head(model)
+    return int(backbone_defaults(backbone).head_channels.get(entry.name, entry.default_channels))
 
 
 def build_segmentor(
@@ -96,27 +127,38 @@ def build_segmentor(
     num_classes: int,
     aux: bool | None = None,
     norm_layer: NormLayer = nn.BatchNorm2d,
+    pretrained_base: str | Path | None = None,
 ) -> Segmentor:
     """Build e.g. ``build_segmentor("deeplabv3", "resnet101", num_classes=19)``.
 
-    ``aux`` defaults to the published choice: an FCN auxiliary head on layer3 for ResNets, none for MobileNetV2.
-    Weights are randomly initialised; load a checkpoint with :func:`cskd.checkpoints.load_weights`.
+    The head width and ``aux`` (an FCN auxiliary head, and on which stage) default to the backbone's published
+    choices (:class:`~cskd.models.backbones.BackboneDefaults`). Weights are randomly initialised, except the
+    backbone's when ``pretrained_base`` names an ImageNet file; load a checkpoint with
+    :func:`cskd.checkpoints.load_weights`.
     """
-    model = canonical_model_name(model)
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
+    entry = get_head(model)  # ValueError: unknown model, naming the choices
+    defaults = backbone_defaults(backbone)  # ValueError: unknown backbone, naming the choices
     if num_classes < 1:
         raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
+    body = build_backbone(backbone, norm_layer=norm_layer, pretrained=pretrained_base)
+    n = len(body.out_channels)
+    if n < entry.min_stages:
+        fits = sorted(h for h, e in HEADS.items() if e.min_stages <= n)
+        raise ValueError(
+            f"head {entry.name!r} needs at least {entry.min_stages} backbone stages and backbone {backbone!r} "
+            f"has {n}; choose one of {fits}"
+        )
+    head = entry.cls(list(body.out_channels), head_width(entry.name, backbone), num_classes, norm_layer=norm_layer)
     if aux is None:
-        aux = backbone.startswith("resnet")
-    body = BACKBONES[backbone](norm_layer=norm_layer)
-    in_ch = body.out_channels[-1]
-    channels = _HEAD_CHANNELS[model][in_ch]
-    head_cls = DeepLabV3Head if model == "deeplabv3" else PSPHead
-    head = head_cls(in_ch, channels, num_classes, norm_layer=norm_layer)
-    aux_head = FCNHead(body.out_channels[-2], num_classes, norm_layer) if aux else None
-    spec = ModelSpec(model=model, backbone=backbone, num_classes=num_classes, aux=aux)
-    return Segmentor(body, head, aux_head, spec)
+        aux = defaults.aux
+    aux_head = None
+    if aux:
+        if not -n <= defaults.aux_stage < n or n < 2:
+            raise ValueError(f"backbone {backbone!r} has {n} stage(s): no stage for an auxiliary head; set aux=false")
+        aux_head = FCNHead(body.out_channels[defaults.aux_stage], num_classes, norm_layer)
+    spec = ModelSpec(model=entry.name, backbone=backbone, num_classes=num_classes, aux=bool(aux))
+    return Segmentor(body, head, aux_head, spec, aux_stage=defaults.aux_stage,
+                     output_stride=entry.output_stride(body.reductions))
 
 
 def build_from_spec(spec: ModelSpec | dict[str, Any], norm_layer: NormLayer = nn.BatchNorm2d) -> Segmentor:
@@ -126,4 +168,4 @@ def build_from_spec(spec: ModelSpec | dict[str, Any], norm_layer: NormLayer = nn
 
 
 __all__ = ["MODELS", "ModelSpec", "SegOutput", "Segmentor", "build_from_spec", "build_segmentor",
-           "canonical_model_name"]
+           "canonical_model_name", "head_width"]

@@ -12,6 +12,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from ._registry import BackboneDefaults, register_backbone
+
 NormLayer = Callable[[int], nn.Module]
 
 # (expansion t, output channels c, repeats n, first stride s): the ImageNet configuration.
@@ -47,7 +49,7 @@ class InvertedResidual(nn.Module):
 class MobileNetV2OS8(nn.Module):
     """``forward`` returns four stage outputs at strides 4, 8, 8, 8 with 24, 32, 96 and 320 channels."""
 
-    output_stride = 8
+    reductions: tuple[int, ...] = (4, 8, 8, 8)
     # Indices into ``features`` after which a stage ends.
     _stage_ends = (3, 6, 13, 17)
 
@@ -78,6 +80,10 @@ class MobileNetV2OS8(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def output_stride(self) -> int:
+        return self.reductions[-1]
+
     def forward(self, x: Tensor) -> list[Tensor]:
         outs = []
         start = 0
@@ -88,6 +94,8 @@ class MobileNetV2OS8(nn.Module):
         return outs
 
 
+@register_backbone("mobilenetv2", defaults=BackboneDefaults(
+    head_channels={"deeplabv3": 128, "pspnet": 128, "upernet": 128, "fcn": 128}, aux=False, family="mobilenetv2"))
 def mobilenetv2_os8(norm_layer: NormLayer = nn.BatchNorm2d) -> MobileNetV2OS8:
     return MobileNetV2OS8(norm_layer)
 

@@ -10,6 +10,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from ._registry import BackboneDefaults, register_backbone
+
 NormLayer = Callable[[int], nn.Module]
 
 
@@ -92,7 +94,7 @@ class ResNetV1s(nn.Module):
     ``forward`` returns the four stage outputs ``[c1, c2, c3, c4]`` at strides 4, 8, 8, 8.
     """
 
-    output_stride = 8
+    reductions: tuple[int, ...] = (4, 8, 8, 8)
 
     def __init__(
         self,
@@ -127,6 +129,10 @@ class ResNetV1s(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def output_stride(self) -> int:
+        return self.reductions[-1]
+
     def _make_stage(
         self,
         block: type[BasicBlock] | type[Bottleneck],
@@ -160,14 +166,25 @@ class ResNetV1s(nn.Module):
         return [c1, c2, c3, c4]
 
 
+# Published head widths: 128 for the R18 student (DeepLabV3, PSPNet, and UperNet-lite's FPN); 256 (DeepLabV3) and
+# 512 (PSPNet, UperNet) for the Bottleneck ResNets. The published recipes train an FCN aux head on layer3.
+_SMALL = BackboneDefaults(head_channels={"deeplabv3": 128, "pspnet": 128, "upernet": 128, "fcn": 128},
+                          aux=True, aux_stage=-2, family="resnet")
+_LARGE = BackboneDefaults(head_channels={"deeplabv3": 256, "pspnet": 512, "upernet": 512, "fcn": 512},
+                          aux=True, aux_stage=-2, family="resnet")
+
+
+@register_backbone("resnet18", defaults=_SMALL)
 def resnet18_v1s(norm_layer: NormLayer = nn.BatchNorm2d) -> ResNetV1s:
     return ResNetV1s(BasicBlock, (2, 2, 2, 2), norm_layer)
 
 
+@register_backbone("resnet50", defaults=_LARGE)
 def resnet50_v1s(norm_layer: NormLayer = nn.BatchNorm2d) -> ResNetV1s:
     return ResNetV1s(Bottleneck, (3, 4, 6, 3), norm_layer)
 
 
+@register_backbone("resnet101", defaults=_LARGE)
 def resnet101_v1s(norm_layer: NormLayer = nn.BatchNorm2d) -> ResNetV1s:
     return ResNetV1s(Bottleneck, (3, 4, 23, 3), norm_layer)
 

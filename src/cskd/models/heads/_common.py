@@ -1,5 +1,4 @@
-"""Segmentation heads. Each maps a backbone feature to ``(logits, features)``, where ``features`` is the map
-right before the final 1×1 classifier: the map the feature-distillation losses compare.
+"""Building blocks shared by the heads (ASPP, pyramid pooling, conv-BN-ReLU) and the auxiliary FCN head.
 
 Sub-module names (``aspp.b0`` ... ``block`` ... ``classifier``) follow the published code so that the checkpoint
 converter (:mod:`cskd.checkpoints.official`) only has to rename prefixes.
@@ -16,17 +15,20 @@ from torch import Tensor, nn
 NormLayer = Callable[[int], nn.Module]
 
 
-def _conv_bn_relu(in_ch: int, out_ch: int, k: int, norm_layer: NormLayer, dilation: int = 1) -> nn.Sequential:
+def conv_bn_relu(
+    in_ch: int, out_ch: int, k: int, norm_layer: NormLayer, dilation: int = 1, stride: int = 1
+) -> nn.Sequential:
     pad = 0 if k == 1 else dilation
     return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, k, padding=pad, dilation=dilation, bias=False), norm_layer(out_ch), nn.ReLU(True)
+        nn.Conv2d(in_ch, out_ch, k, stride, padding=pad, dilation=dilation, bias=False), norm_layer(out_ch),
+        nn.ReLU(True),
     )
 
 
 class _ASPPConv(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, rate: int, norm_layer: NormLayer) -> None:
         super().__init__()
-        self.block = _conv_bn_relu(in_ch, out_ch, 3, norm_layer, dilation=rate)
+        self.block = conv_bn_relu(in_ch, out_ch, 3, norm_layer, dilation=rate)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block(x)
@@ -35,7 +37,7 @@ class _ASPPConv(nn.Module):
 class _ASPPPooling(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, norm_layer: NormLayer) -> None:
         super().__init__()
-        self.gap = nn.Sequential(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(in_ch, out_ch, 1, norm_layer))
+        self.gap = nn.Sequential(nn.AdaptiveAvgPool2d(1), *conv_bn_relu(in_ch, out_ch, 1, norm_layer))
 
     def forward(self, x: Tensor) -> Tensor:
         # A 1×1 map upsampled with align_corners=True is a broadcast; expand() says so without an interpolation.
@@ -48,38 +50,16 @@ class ASPP(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, rates: Sequence[int], norm_layer: NormLayer) -> None:
         super().__init__()
         r1, r2, r3 = rates
-        self.b0 = _conv_bn_relu(in_ch, out_ch, 1, norm_layer)
+        self.b0 = conv_bn_relu(in_ch, out_ch, 1, norm_layer)
         self.b1 = _ASPPConv(in_ch, out_ch, r1, norm_layer)
         self.b2 = _ASPPConv(in_ch, out_ch, r2, norm_layer)
         self.b3 = _ASPPConv(in_ch, out_ch, r3, norm_layer)
         self.b4 = _ASPPPooling(in_ch, out_ch, norm_layer)
-        self.project = nn.Sequential(*_conv_bn_relu(5 * out_ch, out_ch, 1, norm_layer), nn.Dropout(0.5))
+        self.project = nn.Sequential(*conv_bn_relu(5 * out_ch, out_ch, 1, norm_layer), nn.Dropout(0.5))
 
     def forward(self, x: Tensor) -> Tensor:
         branches = (self.b0(x), self.b1(x), self.b2(x), self.b3(x), self.b4(x))
         return self.project(torch.cat(branches, dim=1))
-
-
-class DeepLabV3Head(nn.Module):
-    """ASPP (rates 12/24/36 + image pooling) → 3×3 conv-BN-ReLU-Dropout (→ ``features``) → 1×1 classifier."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        channels: int,
-        num_classes: int,
-        rates: Sequence[int] = (12, 24, 36),
-        norm_layer: NormLayer = nn.BatchNorm2d,
-    ) -> None:
-        super().__init__()
-        self.aspp = ASPP(in_channels, channels, rates, norm_layer)
-        self.block = nn.Sequential(*_conv_bn_relu(channels, channels, 3, norm_layer), nn.Dropout(0.1))
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
-        self.channels = channels
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        feat = self.block(self.aspp(x))
-        return self.classifier(feat), feat
 
 
 class PyramidPooling(nn.Module):
@@ -89,7 +69,7 @@ class PyramidPooling(nn.Module):
         super().__init__()
         self.bins = tuple(bins)
         for i, _ in enumerate(self.bins, start=1):
-            self.add_module(f"conv{i}", _conv_bn_relu(in_ch, in_ch // 4, 1, norm_layer))
+            self.add_module(f"conv{i}", conv_bn_relu(in_ch, in_ch // 4, 1, norm_layer))
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]
@@ -100,40 +80,18 @@ class PyramidPooling(nn.Module):
         return torch.cat(outs, dim=1)
 
 
-class PSPHead(nn.Module):
-    """Pyramid pooling → 3×3 conv-BN-ReLU-Dropout (→ ``features``) → 1×1 classifier."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        channels: int,
-        num_classes: int,
-        bins: Sequence[int] = (1, 2, 3, 6),
-        norm_layer: NormLayer = nn.BatchNorm2d,
-    ) -> None:
-        super().__init__()
-        self.psp = PyramidPooling(in_channels, bins, norm_layer)
-        self.block = nn.Sequential(*_conv_bn_relu(in_channels * 2, channels, 3, norm_layer), nn.Dropout(0.1))
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
-        self.channels = channels
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        feat = self.block(self.psp(x))
-        return self.classifier(feat), feat
-
-
 class FCNHead(nn.Module):
-    """Auxiliary head: 3×3 conv to in/4 channels, BN, ReLU, Dropout, 1×1 classifier."""
+    """Auxiliary head (on one stage, ``forward(map) -> logits``): 3×3 conv to in/4 channels, BN, ReLU, Dropout, 1×1 classifier."""
 
     def __init__(self, in_channels: int, num_classes: int, norm_layer: NormLayer = nn.BatchNorm2d) -> None:
         super().__init__()
         inter = in_channels // 4
         self.block = nn.Sequential(
-            *_conv_bn_relu(in_channels, inter, 3, norm_layer), nn.Dropout(0.1), nn.Conv2d(inter, num_classes, 1)
+            *conv_bn_relu(in_channels, inter, 3, norm_layer), nn.Dropout(0.1), nn.Conv2d(inter, num_classes, 1)
         )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block(x)
 
 
-__all__ = ["ASPP", "DeepLabV3Head", "FCNHead", "PSPHead", "PyramidPooling"]
+__all__ = ["ASPP", "FCNHead", "NormLayer", "PyramidPooling", "conv_bn_relu"]
