@@ -41,7 +41,7 @@ class RunRecorder:
             return
         record = {"kind": kind, "iteration": iteration, "time": time.time(), **values}
         with self.path.open("a") as f:
-            f.write(json.dumps(record, default=_jsonable) + "\n")
+            f.write(json_line(record))
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -75,6 +75,23 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
+def _finite_or_none(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_none(x) for x in v]
+    if hasattr(v, "tolist"):  # tensors and numpy values
+        return _finite_or_none(v.tolist())
+    return v
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One line of valid JSON (RFC 8259): NaN and ±inf, which ``json.dumps`` would write bare, become null."""
+    return json.dumps(_finite_or_none(record), default=_jsonable, allow_nan=False) + "\n"
+
+
 def read_records(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
     """Read a run's ``log.jsonl`` (optionally one kind: "train", "val", "summary", ...)."""
     out = []
@@ -93,4 +110,4 @@ def read_records(path: str | Path, kind: str | None = None) -> list[dict[str, An
     return out
 
 
-__all__ = ["RunRecorder", "read_records"]
+__all__ = ["RunRecorder", "json_line", "read_records"]

@@ -11,7 +11,6 @@ its terms, and training stops before any checkpoint could be overwritten with br
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -495,7 +494,9 @@ class Trainer:
 
 
 def _json_line(rec: dict[str, Any]) -> str:
-    return json.dumps(rec) + "\n"
+    from .records import json_line
+
+    return json_line(rec)
 
 
 def train(cfg: ExperimentConfig, resume: str | None = None, progress: bool = True, overwrite: bool = False) -> TrainResult:
