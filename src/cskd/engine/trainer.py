@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from .. import __version__
+from ..data.workers import iterate as iterate_loader
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..evaluation.metrics import SegMetrics
 from ..models import load_weights, safe_load
@@ -106,7 +107,7 @@ def _set_seed(seed: int) -> None:
 
 def _infinite(loader: DataLoader) -> Iterator[dict[str, Any]]:
     while True:  # the batch sampler is endless; this only guards against a finite one
-        yield from loader
+        yield from iterate_loader(loader)
 
 
 class Trainer:
@@ -170,7 +171,7 @@ class Trainer:
             # so that the timed steps see the loader's steady pace.
             tally = StepTally(self.device)
             loader = self._make_train_loader(0)
-            batches = iter(loader)
+            batches = iterate_loader(loader)
             self.step_seconds = self.runner.calibrate(
                 batches, max(b.warmup_steps, cfg.data.workers * PREFETCH_BATCHES), b.calibration_steps,
                 after_step=lambda loss, terms: tally.add(1, loss, terms))
