@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from ..data.workers import iterate as iterate_loader
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..evaluation.metrics import SegMetrics
 from ..models import load_weights, safe_load
-from .checkpointing import atomic_save, capture_rng, restore_rng
+from .checkpointing import atomic_save, capture_rng, restore_rng, resume_difference, run_environment
 from .config import ExperimentConfig, save_config
 from .distributed import DistEnv, all_gather_objects, barrier, init_distributed
 from .records import RunRecorder, read_records
@@ -287,6 +288,7 @@ class Trainer:
             "best_iteration": self.best_iteration,
             "rng": rng_all,
             "world_size": self.env.world_size,
+            "environment": run_environment(self.device),
             "config": self.cfg.to_dict(),
             "dataset": {
                 "name": self.dataset_info.name,
@@ -342,6 +344,9 @@ class Trainer:
         else:
             _set_seed(self.cfg.train.seed * 1000 + self.env.rank + 1 + self.iteration)
         self.resumed_from = path
+        note = resume_difference(ckpt.get("environment"), self.device)
+        if note and self.env.rank == 0:
+            print(note, file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------------------------------------ evaluation
 
