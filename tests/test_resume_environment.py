@@ -13,6 +13,7 @@ from cskd.data.synthetic import generate
 from cskd.engine.checkpointing import resume_difference, run_environment
 from cskd.engine.config import config_from_dict
 from cskd.engine.trainer import Trainer
+from cskd.errors import CheckpointError
 from cskd.models import safe_load
 
 
@@ -42,3 +43,6 @@ def test_resume_under_another_thread_count_says_so(tmp_path: Path, capsys: pytes
         torch.set_num_threads(threads)
     assert trainer.iteration == 2
     assert f"threads {threads} → {threads + 1}" in capsys.readouterr().err
+    raw["model"] = {"model": "deeplabv3", "backbone": "resnet18"}
+    with pytest.raises(CheckpointError, match="different 'model' block"):  # another network: refused
+        Trainer(config_from_dict(raw), resume="auto", progress=False)
