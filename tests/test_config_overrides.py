@@ -73,7 +73,8 @@ def test_negative_exponent_notation_and_non_numbers() -> None:
 @pytest.mark.parametrize("override,key", [
     ("train.lr=.nan", "train.lr"), ("train.lr=.inf", "train.lr"), ("train.weight_decay=-.inf", "train.weight_decay"),
     ("train.lr=1e999", "train.lr"), ("data.scale_range=[0.5, .nan]", "data.scale_range[1]"),
-    ("train.budget={gpu_seconds: .inf}", "train.budget.gpu_seconds"), ("losses.1.lambda_cam=.nan", "losses[1].lambda_cam"),
+    ("train.budget={gpu_seconds: .inf}", "train.budget.gpu_seconds"),
+    ("losses.1.lambda_cam=.nan", "losses[1].lambda_cam"),
 ])
 def test_non_finite_floats_are_refused_naming_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -215,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
 
     written = 0
     with torch.inference_mode():
-        for batch in tqdm(iterate_loader(loader), total=len(loader), desc="predict", unit="img", disable=args.no_progress, dynamic_ncols=True):
+        for batch in tqdm(iterate_loader(loader), total=len(loader), desc="predict", unit="img",
+                          disable=args.no_progress, dynamic_ncols=True):
             image = batch["image"] if isinstance(batch["image"], torch.Tensor) else batch["image"][0][None]
             name = str(batch["name"][0])
             pred = predict(net, image)
