@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -42,6 +44,27 @@ def _fail(where: str, key: str, value: Any, tp: Any) -> ConfigError:
     return ConfigError(f"{where}: key '{key}' has value {value!r}; expected {_describe(tp)}")
 
 
+# Decimal notation as people type it: 1e-3, 1E5, .5, -2e-4, 3., 1_000.5. YAML 1.1 (PyYAML) reads the forms without
+# a dot or without an exponent sign as strings; where a float is expected they are numbers. Words (inf, nan) are not.
+_FLOAT_TEXT = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?")
+
+
+class NonFiniteError(ConfigError):
+    """A float key holds NaN or ±inf (kept distinct so that a union type reports it as such)."""
+
+
+def _check_float(value: Any, key: str, where: str) -> float:
+    """A finite float from a number or from decimal text; NaN and ±inf are refused naming the key."""
+    if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        value = float(value.strip().replace("_", ""))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(where, key, value, float)
+    out = float(value)
+    if not math.isfinite(out):
+        raise NonFiniteError(f"{where}: key '{key}' has value {out}; expected a finite float")
+    return out
+
+
 def check_value(value: Any, tp: Any, key: str, where: str) -> Any:
     """Return ``value`` converted to ``tp`` (int → float, list → tuple, mapping → dataclass) or raise
     :class:`ConfigError`. ``key`` is the dotted path shown in the message, ``where`` the file."""
@@ -62,6 +85,8 @@ def check_value(value: Any, tp: Any, key: str, where: str) -> Any:
                 continue
             try:
                 return check_value(value, arg, key, where)
+            except NonFiniteError:
+                raise
             except ConfigError as e:
                 errors.append(e)
         raise _fail(where, key, value, tp)
@@ -78,9 +103,7 @@ def check_value(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
         raise _fail(where, key, value, tp)
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _fail(where, key, value, tp)
+        return _check_float(value, key, where)
     if tp is str:
         if isinstance(value, str):
             return value

@@ -94,6 +94,27 @@ def restore_rng(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def run_environment(device: torch.device | str) -> dict[str, Any]:
+    """What an exact resume depends on besides the checkpoint: CPU float sums are ordered by the thread count,
+    and kernels differ between devices."""
+    return {"threads": torch.get_num_threads(), "device": str(device)}
+
+
+def resume_difference(saved: dict[str, Any] | None, device: torch.device | str) -> str | None:
+    """A note when this process differs from the one that wrote the checkpoint (``saved``: its
+    :func:`run_environment`, absent in older checkpoints): the run goes on, but its losses will not be
+    bit-identical to an uninterrupted run's."""
+    if not saved:
+        return None
+    now = run_environment(device)
+    diff = [f"{k} {saved[k]} → {now[k]}" for k in ("threads", "device") if k in saved and saved[k] != now[k]]
+    if not diff:
+        return None
+    return ("note: resuming with " + ", ".join(diff) + " (the checkpoint's vs this process's); training goes on, "
+            "but the losses will not be bit-identical to an uninterrupted run (set OMP_NUM_THREADS="
+            f"{saved.get('threads')} and the same device for that)")
+
+
 def _python_state_to_tensor(st: tuple) -> dict[str, Any]:
     version, internal, gauss = st
     return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
@@ -103,4 +124,4 @@ def _python_state_from_tensor(d: dict[str, Any]) -> tuple:
     return (d["version"], tuple(int(x) for x in d["internal"].tolist()), d["gauss"])
 
 
-__all__ = ["atomic_save", "capture_rng", "restore_rng", "safe_load"]
+__all__ = ["atomic_save", "capture_rng", "restore_rng", "resume_difference", "run_environment", "safe_load"]

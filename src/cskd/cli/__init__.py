@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CskdError as e:
-        print(f"cskd {args.command}: error: {e}", file=sys.stderr)
+        from ..data.workers import unwrap  # one line even where an error from a DataLoader worker was not unwrapped
+
+        print(f"cskd {args.command}: error: {unwrap(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"cskd {args.command}: interrupted", file=sys.stderr)

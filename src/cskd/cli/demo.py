@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Finished runs are reused; an interrupted one resumes.",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="small: a 2-core CPU in under 10 minutes (default without CUDA); paper: the published "
+                   help="small: a 2-core CPU in about 5 minutes (default without CUDA); paper: the published "
                         "pairs at 256×512 on a GPU (default with CUDA)")
     p.add_argument("--methods", default="baseline,cskd",
                    help=f"comma-separated methods (baseline is always included); known: {', '.join(METHODS)}")

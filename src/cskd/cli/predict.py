@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.io import IMAGE_SUFFIXES, read_image
 from ..data.normalize import normalize
+from ..data.workers import iterate as iterate_loader
 from ..errors import ConfigError, DataError
 from ..evaluation import collate_eval, predict_logits
 from ..outputs.cityscapes import cityscapes_key
@@ -210,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
                        teacher_label=teacher.label if teacher is not None else "")
     written = 0
     with torch.inference_mode():
-        for batch in tqdm(loader, desc="predict", unit="img", disable=args.no_progress, dynamic_ncols=True):
+        for batch in tqdm(iterate_loader(loader), total=len(loader), desc="predict", unit="img",
+                          disable=args.no_progress, dynamic_ncols=True):
             image = batch["image"] if isinstance(batch["image"], torch.Tensor) else batch["image"][0][None]
             name = str(batch["name"][0])
             item = Predicted(name, image, predict(net, image), batch.get("mask"))

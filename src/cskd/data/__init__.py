@@ -1,7 +1,8 @@
 """Datasets on their standard layouts, joint uint8 transforms, and the built-in synthetic street scenes.
 
-- :func:`build_dataset` / :data:`DATASETS` / :func:`dataset_info`: Cityscapes, CamVid, Pascal VOC (+SBD), ADE20K
-  and the generated ``synthscapes`` (see :mod:`cskd.data.datasets` for the layouts and the bad-data policy).
+- :func:`build_dataset` / :data:`DATASETS` / :func:`dataset_info`: Cityscapes, CamVid, Pascal VOC (+SBD), ADE20K,
+  COCO-Stuff-164K and the generated ``synthscapes`` (see :mod:`cskd.data.datasets` for the layouts and the
+  bad-data policy).
 - :func:`build_train_transform` / :func:`build_eval_transform`: uint8 in, uint8 out; normalisation happens on the
   device (:func:`cskd.data.normalize.normalize`).
 - :mod:`cskd.data.synthetic`: ``generate`` / ``ensure`` the synthetic dataset; :mod:`cskd.data.check`: scan a split.

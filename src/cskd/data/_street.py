@@ -34,6 +34,9 @@ ROAD, SIDEWALK, BUILDING, WALL, FENCE = 7, 8, 11, 12, 13
 POLE, TRAFFIC_LIGHT, TRAFFIC_SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = 17, 19, 20, 21, 22, 23, 24, 26
 EGO_VEHICLE = 1  # the bonnet at the bottom of some frames: a Cityscapes id that trains as "ignore"
 
+#: Cityscapes ids whose objects are numbered in ``*_instanceIds.png`` (``hasInstances`` in the official table: 24-33).
+INSTANCE_LABEL_IDS = tuple(range(24, 34))
+
 #: Label ids the renderer can write that count as classes (ego vehicle is written too but is ignored in training).
 DRAWN_IDS = (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, TRAFFIC_LIGHT, TRAFFIC_SIGN, VEGETATION, TERRAIN, SKY,
              PERSON, CAR)
@@ -155,6 +158,8 @@ class _Canvas:
         self.img = np.zeros((cam.H, cam.W, 3), F32)
         self.lab = np.zeros((cam.H, cam.W), np.uint8)
         self.depth = np.zeros((cam.H, cam.W), F32)  # 0 = no haze (sky)
+        self.inst = np.zeros((cam.H, cam.W), np.int32)  # which object (1, 2, ...) painted each pixel; 0 = none
+        self.instance = 0  # the object being drawn
 
     def box(self, y0: float, y1: float, x0: float, x1: float) -> tuple[int, int, int, int] | None:
         """Integer pixel bounds of a float box, clipped to the image; None when nothing is left."""
@@ -177,10 +182,12 @@ class _Canvas:
         if mask is None:
             img[...] = colour
             self.lab[y0:y1, x0:x1] = label
+            self.inst[y0:y1, x0:x1] = self.instance
             self.depth[y0:y1, x0:x1] = depth
             return
         img[mask] = colour[mask] if colour.ndim == 3 else colour
         self.lab[y0:y1, x0:x1][mask] = label
+        self.inst[y0:y1, x0:x1][mask] = self.instance
         d = self.depth[y0:y1, x0:x1]
         d[mask] = depth[mask] if isinstance(depth, np.ndarray) else depth
 
@@ -527,8 +534,10 @@ class _Street:
         return out
 
     def draw_objects(self) -> None:
-        for _, (kind, X, Z) in self.objects():
+        for k, (_, (kind, X, Z)) in enumerate(self.objects(), 1):
+            self.cv.instance = k
             getattr(self, f"_draw_{kind}")(X, Z)
+        self.cv.instance = 0
 
     def _rect(self, X0: float, X1: float, Y0: float, Y1: float, Z: float, colour: np.ndarray, label: int,
               min_px: float = 0.0) -> None:
@@ -748,6 +757,26 @@ class _Street:
 
 def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (H×W×3 uint8 RGB image, H×W uint8 Cityscapes label ids)."""
+    img, lab, _ = render_with_instances(rng, height, width)
+    return img, lab
+
+
+def instance_ids(lab: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """Cityscapes ``instanceIds`` (H×W uint16) from label ids and per-pixel object numbers: pixels of a class with
+    instances hold ``label id × 1000 + n`` (n = 0, 1, ... per class, in drawing order), all others their label id."""
+    out = lab.astype(np.uint16)
+    for label in INSTANCE_LABEL_IDS:
+        here = (lab == label) & (objects > 0)
+        if here.any():
+            numbers = np.unique(objects[here])  # sorted: drawing order
+            out[here] = label * 1000 + np.searchsorted(numbers, objects[here]).astype(np.uint16)
+    return out
+
+
+def render_with_instances(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray,
+                                                                                          np.ndarray]:
+    """As :func:`render`, plus the scene's Cityscapes instance ids (H×W uint16, see :func:`instance_ids`); the
+    image and labels are the same as :func:`render`'s for the same generator state."""
     s = _Street(rng, height, width)
     s.sky()
     s.ground()
@@ -759,7 +788,7 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
     s.walls_and_fences()
     s.draw_objects()
     s.hood()
-    return s.finish(), s.cv.lab
+    return s.finish(), s.cv.lab, instance_ids(s.cv.lab, s.cv.inst)
 
 
-__all__ = ["DRAWN_IDS", "EGO_VEHICLE", "render"]
+__all__ = ["DRAWN_IDS", "EGO_VEHICLE", "INSTANCE_LABEL_IDS", "instance_ids", "render", "render_with_instances"]

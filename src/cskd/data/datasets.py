@@ -21,6 +21,13 @@ voc             ``ROOT/JPEGImages/<id>.jpg`` + ``ROOT/SegmentationClassAug/<id>.
                 no labels. ``ROOT`` may also be ``VOCdevkit/`` or its parent.
 ade20k          ``ROOT/images/{training,validation}/*.jpg`` + ``ROOT/annotations/…/*.png``; splits train, val.
                 ``ROOT`` may also be the folder holding ``ADEChallengeData2016/``.
+cocostuff       COCO-Stuff-164K, 171 classes: ``ROOT/images/{train,val}2017/*.jpg`` +
+                ``ROOT/annotations/{train,val}2017/<id>_labelTrainIds.png`` (train ids 0-170, 255 unlabeled, as
+                the usual conversion script writes them); splits train, val. ``ROOT`` may also hold
+                ``coco_stuff164k/``.
+cocostuff_raw   the same images with the released ``stuffthingmaps_trainval2017`` labels,
+                ``ROOT/annotations/{train,val}2017/<id>.png`` (category id − 1: 0-181, 255 unlabeled), mapped to
+                the same 171 classes (the 11 unused ids are not legal values).
 ==============  ===========================================================================================
 
 Bad data policy. Construction does a cheap scan (file listing and existence): an empty split, an unknown split or a
@@ -48,8 +55,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from ..errors import DataError
-from .info import (ADE20K, ADE20K_TABLE, CAMVID, CAMVID_TABLE, CITYSCAPES, CITYSCAPES_TABLE, SYNTHSCAPES,
-                   SYNTHSCAPES_TABLE, VOC, VOC_TABLE, Colour, DatasetInfo, LabelTable)
+from .info import (ADE20K, ADE20K_TABLE, CAMVID, CAMVID_TABLE, CITYSCAPES, CITYSCAPES_TABLE, COCOSTUFF,
+                   COCOSTUFF_RAW_TABLE, COCOSTUFF_TABLE, SYNTHSCAPES, SYNTHSCAPES_TABLE, VOC, VOC_TABLE, Colour,
+                   DatasetInfo, LabelTable)
 from .io import map_label, read_image, read_label
 
 
@@ -186,6 +194,30 @@ def _ade_lister(root: Path, split: str) -> list[Sample]:
     return out
 
 
+# --------------------------------------------------------------------------- COCO-Stuff-164K
+_COCO_LABEL = {"cocostuff": "_labelTrainIds.png", "cocostuff_raw": ".png"}
+
+
+def _coco_layout(dataset: str) -> str:
+    return f"ROOT/images/{{train,val}}2017/*.jpg with ROOT/annotations/{{train,val}}2017/<id>{_COCO_LABEL[dataset]}"
+
+
+def _coco_lister(root: Path, split: str, *, dataset: str) -> list[Sample]:
+    if not (root / "images").is_dir() and (root / "coco_stuff164k" / "images").is_dir():
+        root = root / "coco_stuff164k"
+    sub = f"{split}2017"
+    labels = root / "annotations" / sub
+    out = [Sample(p, labels / f"{p.stem}{_COCO_LABEL[dataset]}", p.stem)
+           for p in _sorted_files(root / "images" / sub, ".jpg")]
+    if not out:
+        raise _empty(dataset, f"{root / 'images' / sub}/*.jpg", _coco_layout(dataset))
+    first = out[0]
+    if dataset == "cocostuff" and not first.label_path.is_file() and (labels / f"{first.name}.png").is_file():
+        raise DataError(f"cocostuff: {labels} holds the released stuffthingmaps (<id>.png), not "
+                        f"<id>_labelTrainIds.png; use dataset 'cocostuff_raw', which reads them as they are")
+    return out
+
+
 _CS_LAYOUT = "ROOT/leftImg8bit/<split>/<city>/*_leftImg8bit.png with ROOT/gtFine/<split>/<city>/*_gtFine_labelIds.png"
 _SYN_LAYOUT = _CS_LAYOUT + " (made by `cskd data synth`)"
 
@@ -198,6 +230,10 @@ DATASETS: dict[str, DatasetDef] = {
     "voc": DatasetDef(VOC, VOC_TABLE, ("train", "val", "trainval", "test"), ("test", "test.txt"), _VOC_LAYOUT,
                       _voc_lister, open_splits=True),
     "ade20k": DatasetDef(ADE20K, ADE20K_TABLE, ("train", "val"), (), _ADE_LAYOUT, _ade_lister),
+    "cocostuff": DatasetDef(COCOSTUFF, COCOSTUFF_TABLE, ("train", "val"), (), _coco_layout("cocostuff"),
+                            partial(_coco_lister, dataset="cocostuff")),
+    "cocostuff_raw": DatasetDef(COCOSTUFF, COCOSTUFF_RAW_TABLE, ("train", "val"), (), _coco_layout("cocostuff_raw"),
+                                partial(_coco_lister, dataset="cocostuff_raw")),
     "synthscapes": DatasetDef(SYNTHSCAPES, SYNTHSCAPES_TABLE, ("train", "val", "trainval"), (), _SYN_LAYOUT,
                               partial(_cityscapes_list, dataset="synthscapes", unlabelled=(), layout=_SYN_LAYOUT)),
 }

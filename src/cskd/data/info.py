@@ -8,6 +8,7 @@ Colour palettes (used for prediction maps):
 - Pascal VOC: the standard VOC palette (bit-interleaved colour of the class index; background black).
 - ADE20K: the scene-parsing benchmark ships no colour table; cskd gives class ``k`` the VOC-rule colour of index
   ``k + 1``, which is distinct for all 150 classes and never black.
+- COCO-Stuff-164K: likewise (171 classes).
 
 Label tables are 256-entry look-ups indexed by the stored label value: ``to_train[v]`` is the train id (or the
 ignore value 255) and ``valid[v]`` says whether ``v`` is a value the dataset defines at all. Anything else in a label
@@ -152,8 +153,46 @@ _ade_valid = np.zeros(256, bool)
 _ade_valid[:151] = True
 ADE20K_TABLE = LabelTable(_ade_to_train, _ade_valid)
 
-INFOS: dict[str, DatasetInfo] = {i.name: i for i in (CITYSCAPES, CAMVID, VOC, ADE20K, SYNTHSCAPES)}
+# --------------------------------------------------------------------------- COCO-Stuff-164K (171 classes)
+# The 80 COCO thing classes (category ids 1-90, 10 of them unused) then the 91 stuff classes (ids 92-182), in id
+# order: train id k is the k-th used id. The released stuffthingmaps store id − 1 (0-181; 255 unlabeled), which
+# leaves 11 values unused (ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83 and 91): 182 − 11 = 171 classes.
+_COCO_THINGS = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+_COCO_STUFF = (
+    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard", "carpet",
+    "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
+    "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood",
+    "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other", "hill", "house",
+    "leaves", "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper",
+    "pavement", "pillow", "plant-other", "plastic", "platform", "playingfield", "railing", "railroad", "river",
+    "road", "rock", "roof", "rug", "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow", "solid-other",
+    "stairs", "stone", "straw", "structural-other", "table", "tent", "textile-other", "towel", "tree", "vegetable",
+    "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood", "water-other",
+    "waterdrops", "window-blind", "window-other", "wood",
+)
+#: Stored values (category id − 1) of the stuffthingmaps that no class uses.
+COCOSTUFF_UNUSED_VALUES = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+COCOSTUFF = DatasetInfo("cocostuff", 171, _COCO_THINGS + _COCO_STUFF, tuple(voc_colour(i + 1) for i in range(171)))
+COCOSTUFF_TABLE = _identity_table(171, ignored=(255,))  # *_labelTrainIds.png: 0-170, 255 = unlabeled
+_coco_raw_to_train = np.full(256, IGNORE_INDEX, np.uint8)
+_coco_used = [v for v in range(182) if v not in COCOSTUFF_UNUSED_VALUES]
+_coco_raw_to_train[_coco_used] = np.arange(171, dtype=np.uint8)
+_coco_raw_valid = np.zeros(256, bool)
+_coco_raw_valid[_coco_used + [255]] = True
+COCOSTUFF_RAW_TABLE = LabelTable(_coco_raw_to_train, _coco_raw_valid)  # stuffthingmaps: 0-181 (171 used), 255
+
+INFOS: dict[str, DatasetInfo] = {i.name: i for i in (CITYSCAPES, CAMVID, VOC, ADE20K, SYNTHSCAPES, COCOSTUFF)}
 
 
-__all__ = ["ADE20K", "CAMVID", "CITYSCAPES", "Colour", "DatasetInfo", "INFOS", "LabelTable", "SYNTHSCAPES", "VOC",
+__all__ = ["ADE20K", "CAMVID", "CITYSCAPES", "COCOSTUFF", "COCOSTUFF_RAW_TABLE", "COCOSTUFF_TABLE",
+           "COCOSTUFF_UNUSED_VALUES", "Colour", "DatasetInfo", "INFOS", "LabelTable", "SYNTHSCAPES", "VOC",
            "voc_colour"]

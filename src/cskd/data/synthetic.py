@@ -4,6 +4,8 @@
 
 - ``out_dir/leftImg8bit/{train,val}/<city>/<city>_<nnnnnn>_000019_leftImg8bit.png`` (RGB),
 - ``out_dir/gtFine/{train,val}/<city>/<city>_<nnnnnn>_000019_gtFine_labelIds.png`` (official Cityscapes label ids),
+- ``…_gtFine_instanceIds.png`` beside it (16-bit: ``id × 1000 + n`` for each person and car, the label id elsewhere),
+  so that the official evaluator (``cityscapesscripts``) runs on the tree unchanged, instance scores included,
 - ``out_dir/manifest.json``: the parameters, the classes and their pixel frequencies per split,
 
 so the real Cityscapes loader reads it (dataset name ``synthscapes``: its own table maps the generated ids to 13
@@ -33,11 +35,12 @@ from PIL import Image
 
 from .. import __version__
 from ..errors import DataError
-from ._street import render
+from ._street import render_with_instances
 from .info import SYNTHSCAPES, SYNTHSCAPES_TABLE
 
 #: Bump whenever the renderer's output changes, so that ``ensure`` regenerates old trees.
-GENERATOR_VERSION = 1
+#: 2: the tree also holds ``*_gtFine_instanceIds.png`` (images and labels as in version 1).
+GENERATOR_VERSION = 2
 MANIFEST = "manifest.json"
 _MARKER = ".cskd-synthscapes"  # written first: marks a (possibly partial) tree as ours to delete
 _SPLITS = {"train": 0, "val": 1}
@@ -53,13 +56,20 @@ def sample_stem(split: str, index: int) -> tuple[str, str]:
 
 def render_sample(seed: int, split: str, index: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(H×W×3 uint8 image, H×W uint8 Cityscapes label ids) of one sample: a pure function of its arguments."""
+    img, lab, _ = render_sample_instances(seed, split, index, size)
+    return img, lab
+
+
+def render_sample_instances(seed: int, split: str, index: int,
+                            size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """As :func:`render_sample`, plus the H×W uint16 Cityscapes instance ids."""
     rng = np.random.default_rng([int(seed), _SPLITS[split], int(index)])
-    return render(rng, int(size[0]), int(size[1]))
+    return render_with_instances(rng, int(size[0]), int(size[1]))
 
 
 def _write_one(task: tuple[str, int, str, int, tuple[int, int]]) -> tuple[str, np.ndarray]:
     out_dir, seed, split, index, size = task
-    img, lab = render_sample(seed, split, index, size)
+    img, lab, inst = render_sample_instances(seed, split, index, size)
     city, stem = sample_stem(split, index)
     root = Path(out_dir)
     img_path = root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
@@ -68,6 +78,7 @@ def _write_one(task: tuple[str, int, str, int, tuple[int, int]]) -> tuple[str, n
     # the label compresses well at any level.
     Image.fromarray(img).save(img_path, format="PNG", compress_level=1)
     Image.fromarray(lab).save(lab_path, format="PNG", compress_level=6)
+    Image.fromarray(inst).save(lab_path.with_name(f"{stem}_gtFine_instanceIds.png"), format="PNG", compress_level=6)
     return split, np.bincount(lab.ravel(), minlength=256)
 
 

@@ -314,6 +314,8 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: key 'base' must be a file name or a list of file names")
     merged: dict[str, Any] = {}
     for b in bases:
+        if not (path.parent / b).is_file():
+            raise ConfigError(f"{path}: its base file {b!r} does not exist (looked for {path.parent / b})")
         merged = merge(merged, read_yaml(path.parent / b, _seen + (path.resolve(),)))
     return merge(merged, data)
 
@@ -332,9 +334,11 @@ def config_from_dict(raw: Mapping[str, Any], where: str = "config") -> Experimen
             raise ConfigError(f"{where}: unknown method '{method}'; choose one of {', '.join(METHODS)} (or list "
                               "'losses' yourself)")
         recipe = [dict(lc) for lc in METHODS[method].losses]
-        if losses_raw and losses_raw != recipe:
-            raise ConfigError(f"{where}: set either 'method' ({method}) or 'losses', not both")
-        losses_raw = recipe
+        if losses_raw and [_loss_name(e) for e in losses_raw] != [lc["name"] for lc in recipe]:
+            raise ConfigError(f"{where}: set either 'method' ({method}) or 'losses', not both (a method's own "
+                              f"terms, {', '.join(lc['name'] for lc in recipe) or 'none'}, in that order, may be "
+                              "listed with other hyper-parameters)")
+        losses_raw = losses_raw or recipe
     cfg = build_dataclass(ExperimentConfig, raw, where)
     losses = []
     for i, entry in enumerate(losses_raw):
@@ -359,8 +363,27 @@ def _check_loss_params(name: str, params: dict[str, Any], where: str, index: int
                            reserved=CONTEXT_ARGS + STAGE_CONTEXT_ARGS)
 
 
+def _loss_name(entry: Any) -> Any:
+    return entry.get("name") if isinstance(entry, Mapping) else None
+
+
+def expand_method(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """When ``--set losses.N.key=value`` addresses the terms of a ``method:`` config that lists no ``losses``,
+    write the method's recipe out as ``losses`` first, so that the override changes that term (the method's name
+    stays: its terms with other hyper-parameters)."""
+    method = raw.get("method")
+    touches = any(text.split("=", 1)[0].split(".")[0] == "losses" for text in overrides)
+    if not touches or raw.get("losses") or not isinstance(method, str):
+        return raw
+    from ..methods import METHODS
+
+    if method not in METHODS:
+        return raw  # config_from_dict names the unknown method
+    return {**raw, "losses": [dict(lc) for lc in METHODS[method].losses]}
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    raw = apply_overrides(read_yaml(path), overrides)
+    raw = apply_overrides(expand_method(read_yaml(path), overrides), overrides)
     where = str(path) + (" (with --set overrides)" if overrides else "")
     return config_from_dict(raw, where)
 

@@ -32,7 +32,7 @@ class RunRecorder:
         run_dir.mkdir(parents=True, exist_ok=True)
         if start:
             kept = [r for r in read_records(self.path) if r.get("iteration", 0) <= start]
-            self.path.write_text("".join(_json_line(r) for r in kept))
+            self.path.write_text("".join(json_line(r) for r in kept))
         elif self.path.exists():
             self.path.unlink()
         if tensorboard:
@@ -63,7 +63,7 @@ class RunRecorder:
     def _append(self, kind: str, iteration: int, values: dict[str, Any]) -> None:
         record = {"kind": kind, "iteration": iteration, "time": time.time(), **values}
         with self.path.open("a") as f:
-            f.write(_json_line(record))
+            f.write(json_line(record))
 
     def advance(self, n: int, postfix: dict[str, Any] | None = None) -> None:
         if self._bar is not None:
@@ -87,14 +87,27 @@ class RunRecorder:
             self._tb.close()
 
 
-def _json_line(record: dict[str, Any]) -> str:
-    return json.dumps(record, default=_jsonable) + "\n"
-
-
 def _jsonable(v: Any) -> Any:
     if hasattr(v, "tolist"):
         return v.tolist()
     return str(v)
+
+
+def _finite_or_none(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_none(x) for x in v]
+    if hasattr(v, "tolist"):  # tensors and numpy values
+        return _finite_or_none(v.tolist())
+    return v
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One line of valid JSON (RFC 8259): NaN and ±inf, which ``json.dumps`` would write bare, become null."""
+    return json.dumps(_finite_or_none(record), default=_jsonable, allow_nan=False) + "\n"
 
 
 def read_records(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
@@ -115,4 +128,4 @@ def read_records(path: str | Path, kind: str | None = None) -> list[dict[str, An
     return out
 
 
-__all__ = ["RunRecorder", "read_records"]
+__all__ = ["RunRecorder", "json_line", "read_records"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,9 +26,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from .. import __version__
+from ..data.workers import iterate as iterate_loader
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..evaluation.metrics import SegMetrics
-from ..checkpoints.files import atomic_save, capture_rng, restore_rng, safe_load
+from ..checkpoints.files import atomic_save, capture_rng, restore_rng, resume_difference, run_environment, safe_load
 from ..checkpoints.weights import load_weights
 from ..distributed import DistEnv, all_gather_objects, barrier, init_distributed
 from .config import ExperimentConfig, save_config
@@ -107,7 +109,7 @@ def _set_seed(seed: int) -> None:
 
 def _infinite(loader: DataLoader) -> Iterator[dict[str, Any]]:
     while True:  # the batch sampler is endless; this only guards against a finite one
-        yield from loader
+        yield from iterate_loader(loader)
 
 
 class Trainer:
@@ -192,7 +194,7 @@ class Trainer:
         assert budget.gpu_seconds is not None
         tally = StepTally(self.device)
         loader = self._make_train_loader(0)
-        batches = iter(loader)
+        batches = iterate_loader(loader)
         self._step_seconds = self.runner.calibrate(
             batches, max(budget.warmup_steps, self.cfg.data.workers * PREFETCH_BATCHES), budget.calibration_steps,
             after_step=lambda loss, terms: tally.add(1, loss, terms))
@@ -308,6 +310,7 @@ class Trainer:
             "best_iteration": self.best_iteration,
             "rng": rng_all,
             "world_size": self.env.world_size,
+            "environment": run_environment(self.device),
             "config": self.cfg.to_dict(),
             "dataset": {
                 "name": self.dataset_info.name,
@@ -364,6 +367,9 @@ class Trainer:
         else:
             _set_seed(self.cfg.train.seed * 1000 + self.env.rank + 1 + self.iteration)
         self.resumed_from = path
+        note = resume_difference(ckpt.get("environment"), self.device)
+        if note and self.env.rank == 0:
+            print(note, file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------------------------------------ evaluation
 

@@ -13,6 +13,7 @@ from torch.utils.data import Sampler
 
 from ..constants import IGNORE_INDEX
 from ..data.normalize import normalize
+from ..data.workers import iterate as iterate_loader
 from ..errors import DataError
 from .inference import Mode, predict_logits
 from .metrics import ConfusionMatrix, SegMetrics
@@ -121,7 +122,7 @@ def evaluate(
 
         bar = tqdm(total=total, desc="eval", unit="batch", dynamic_ncols=True, leave=False)
     with eval_mode(net), torch.inference_mode():
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(iterate_loader(loader)):
             if max_batches is not None and i >= max_batches:
                 break
             if "mask" not in batch:

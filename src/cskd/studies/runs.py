@@ -80,7 +80,7 @@ def read_run(cfg: ExperimentConfig, group: str) -> RunRecord:
     rec.class_names = [c.get("name") for c in metrics.get("classes", [])]
     rec.val_curve = [(r["iteration"], r.get("train_seconds", 0.0), r["miou"])
                      for r in read_records(run_dir / "log.jsonl", "val") if r.get("miou") is not None]
-    rec.loss_curve = [(r["iteration"], r.get("train_seconds", 0.0), r["loss"])
+    rec.loss_curve = [(r["iteration"], r.get("train_seconds", 0.0), math.nan if r["loss"] is None else r["loss"])
                       for r in read_records(run_dir / "log.jsonl", "train") if "loss" in r]
     return rec
 
