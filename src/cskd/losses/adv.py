@@ -38,6 +38,9 @@ Departures from the published code, and why:
 - The published spectral-norm starts u, v from unit Gaussians; PyTorch's ``spectral_norm`` runs 15 extra power
   iterations at construction, so it is not used.
 - D's step runs in float32 outside autocast (no loss scaling), whatever ``train.amp`` is.
+
+Maps of other sizes: the student's logits are resized to the teacher's h×w (bilinear, align_corners=False) before
+the discriminator, in the generator and in the discriminator term; the class counts must agree.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..models.segmentor import SegOutput
+from ._spatial import logits_to_teacher_size
 from .base import DistillLoss, check_non_negative, check_positive, register_loss
 
 #: The smallest map side the discriminator takes: four stride-2 convs (÷16) and a 4×4 conv without padding.
@@ -193,7 +197,8 @@ class AdversarialLoss(DistillLoss):
         self._optimizer: Optimizer | None = None
 
     def forward(self, student: SegOutput, teacher: SegOutput, targets: Tensor | None = None) -> dict[str, Tensor]:
-        return {"adv_g": self.lambda_adv * hinge_generator_loss(self.discriminator(student.logits))}
+        zs = logits_to_teacher_size(student.logits, teacher.logits, "adv")
+        return {"adv_g": self.lambda_adv * hinge_generator_loss(self.discriminator(zs))}
 
     def auxiliary_optimizers(self) -> dict[str, Optimizer]:
         if self._optimizer is None:
@@ -205,7 +210,8 @@ class AdversarialLoss(DistillLoss):
         self, student: SegOutput, teacher: SegOutput, targets: Tensor | None = None
     ) -> dict[str, Tensor]:
         dtype = self.discriminator.last.weight.dtype
-        d_fake = self.discriminator(student.logits.detach().to(dtype))  # the published order: student first
+        zs = logits_to_teacher_size(student.logits.detach(), teacher.logits, "adv")
+        d_fake = self.discriminator(zs.to(dtype))  # the published order: student first
         d_real = self.discriminator(teacher.logits.detach().to(dtype))
         return {"adv_d": self.lambda_d * hinge_discriminator_loss(d_fake, d_real)}
 

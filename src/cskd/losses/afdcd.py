@@ -2,7 +2,7 @@
 Knowledge Distillation for Efficient Semantic Segmentation", NeurIPS 2023; github.com/OSVAI/Af-DCD).
 
 Distils a backbone stage (the authors use the last one, ``c4``: 512 → 2048 channels for R18 ← R101; MobileNetV2's
-320 → 2048). With f_s the student's stage map, f_t the teacher's (B×C_t×H×W, the same stride):
+320 → 2048). With f_s the student's stage map, f_t the teacher's (B×C_t×H×W; f_s resized to its size, see below):
 
     a   = A(f_s)                      A: a 1×1 conv C_s → C_t (the identity when the widths agree)
     y   = P(a ⊙ m)                    m ∈ {0,1}^{B×1×H×W}: the mask; P: the projector
@@ -45,11 +45,15 @@ Departures from the published code, and why:
   largest multiple of the patch size that fits the map, 44×44 on 360×360 crops (the published value exactly), and
   the same rule on any other crop size instead of failing. With ``contrast_region: pool`` (the default, Cityscapes,
   VOC, ADE20K) a pooled map whose sides are not multiples of the patch is cut the same way (the published view
-  fails there), and a map smaller than a patch is one patch of its own size (tiny test images).
+  fails there), and a map smaller than a patch is one patch of its own size (tiny test images); a map smaller
+  than the pool (a transformer's 1/32 stage on tiny images) is pooled by its own size instead of failing.
 - Equal student and teacher widths: the published module never creates its 1×1 connector then and fails at the
   first call; here A is the identity.
 - The cross-entropy over [positive, negatives] is computed as logsumexp over the allowed entries of the p²M×p²M
   similarity matrix minus the positive (same value, no gather of the negatives into a new matrix).
+
+Maps of other sizes: the student's backbone stage is resized to the teacher's h×w (bilinear, align_corners=False)
+before the 1×1 connector A (a transformer's last stage is at 1/32, a dilated CNN's at 1/8), which maps the widths.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from torch import Tensor, nn
 from ..models.segmentor import SegOutput
 from .base import DistillLoss, check_non_negative, check_positive, register_loss
 from ._numerics import no_autocast
+from ._spatial import to_teacher_size
 
 
 class EnhancedProjector(nn.Module):
@@ -103,7 +108,8 @@ def random_mask(b: int, h: int, w: int, ratio: float, device: torch.device, dtyp
 def contrast_region(x: Tensor, region: str, pool: int, patch: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
     """The map the contrastive term sees (pooled or cropped, cut to whole patches) and the patch size used."""
     if region == "pool" and pool > 1:
-        x = F.max_pool2d(x, pool)
+        kernel = (min(pool, x.shape[-2]), min(pool, x.shape[-1]))  # a map smaller than the pool: its own size
+        x = F.max_pool2d(x, kernel)
     h, w = x.shape[-2:]
     ph, pw = min(patch[0], h), min(patch[1], w)
     return x[..., : h - h % ph, : w - w % pw], (ph, pw)
@@ -204,7 +210,8 @@ class AfDCDLoss(DistillLoss):
     def forward(self, student: SegOutput, teacher: SegOutput, targets: Tensor | None = None) -> dict[str, Tensor]:
         if not student.stages or not teacher.stages:
             raise ValueError("afdcd needs the backbone stages (SegOutput.stages)")
-        fs, ft = student.stages[self.stage - 1], teacher.stages[self.stage - 1].detach()
+        ft = teacher.stages[self.stage - 1].detach()
+        fs = to_teacher_size(student.stages[self.stage - 1], ft)
         if fs.shape[0] != ft.shape[0] or fs.shape[-2:] != ft.shape[-2:]:
             raise ValueError(f"afdcd needs student and teacher stage maps of one batch and spatial size, got "
                              f"{tuple(fs.shape)} and {tuple(ft.shape)}")

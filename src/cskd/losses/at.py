@@ -7,7 +7,7 @@ the teacher's:
     a(f) = normalise_over_positions(mean_c |f_c|^p)
     L = mean over the B·h·w entries of (a(f_s) − a(f_t))²
 
-Student and teacher channel counts may differ (the channel mean removes them); spatial sizes must agree.
+Student and teacher channel counts may differ (the channel mean removes them).
 
 Published recipe (github.com/winycg/CIRKD, train_scripts/train_kd/train_at.sh, Cityscapes): p = 2, weight 10000 on
 this term (the mean over h·w positions of a unit vector's squared differences is small), plus pixel-wise KD
@@ -15,6 +15,9 @@ this term (the mean over h·w positions of a unit vector's squared differences i
 
 Difference from the published code: |f|^p instead of f^p (the AT paper's definition); equal for p = 2 and for the
 non-negative (post-ReLU) head features, and well defined for other p.
+
+Maps of other sizes: the student's features are resized to the teacher's h×w (bilinear, align_corners=False) before
+the attention maps; the channel mean removes the widths.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import Tensor
 
 from ..models.segmentor import SegOutput
 from ._numerics import compute_dtype, no_autocast
+from ._spatial import to_teacher_size
 from .base import DistillLoss, check_non_negative, check_positive, register_loss
 
 
@@ -33,6 +37,8 @@ def attention_map(features: Tensor, p: float = 2.0) -> Tensor:
 
 
 def attention_transfer(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
+    """The AT term; the student's map is resized to the teacher's size first."""
+    student = to_teacher_size(student, teacher)
     if student.shape[0] != teacher.shape[0] or student.shape[-2:] != teacher.shape[-2:]:
         raise ValueError(f"AT needs student and teacher maps of one batch and spatial size, got "
                          f"{tuple(student.shape)} and {tuple(teacher.shape)}")

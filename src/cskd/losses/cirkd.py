@@ -47,6 +47,10 @@ Differences from the published code, and why:
   matrices per pair: the mini-batch term at B = 8, 64×128 features would otherwise hold ~34 GB for backward.
 - ``nn.BatchNorm2d`` in the projection head (the published uses SyncBatchNorm); convert with
   ``nn.SyncBatchNorm.convert_sync_batchnorm`` when training on several GPUs to match.
+
+Maps of other sizes: the student's features are resized to the teacher's h×w (bilinear, align_corners=False) before
+the pixel relations and the memory projection, so both index the same pixels; labels go to that size by nearest.
+Widths: relations are pixel×pixel (width-free); the memory terms project the student with their own head.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from torch.autograd.function import once_differentiable
 from ..distributed import all_gather_cat
 from ..models.segmentor import SegOutput
 from ._numerics import compute_dtype, no_autocast
+from ._spatial import to_teacher_size
 from .base import DistillLoss, check_non_negative, check_positive, register_loss
 from .ifvd import class_one_hot, downsample_labels
 
@@ -350,7 +355,8 @@ class CIRKDLoss(DistillLoss):
         return ", ".join(parts)
 
     def forward(self, student: SegOutput, teacher: SegOutput, targets: Tensor | None = None) -> dict[str, Tensor]:
-        fs, ft = student.features, teacher.features.detach()
+        ft = teacher.features.detach()
+        fs = to_teacher_size(student.features, ft)
         if fs.shape[0] != ft.shape[0] or fs.shape[-2:] != ft.shape[-2:]:
             raise ValueError(f"CIRKD needs student and teacher features of one batch and spatial size, got "
                              f"{tuple(fs.shape)} and {tuple(ft.shape)}")

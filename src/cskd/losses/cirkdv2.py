@@ -69,6 +69,10 @@ Differences from the published code, and why:
   here they are part of the engine's step module.
 - Student features of another spatial size than the teacher's are resized to the teacher's size (bilinear,
   align_corners=False) before the GCN; the published code assumes equal sizes. Channel counts may differ.
+
+Maps of other sizes: the student's features are resized to the teacher's h×w (bilinear, align_corners=False) before
+the GCN, FitNet, CIRKD's pixel relations and the channel relations (labels by nearest to that size); widths go
+through the GCN/FitNet connectors, channel relations compare C×C matrices after the connector.
 """
 
 from __future__ import annotations

@@ -33,6 +33,11 @@ builds that connector randomly at every call too; here it is a learned ``nn.Conv
 
 ``cka_scope = "global"`` computes CKA over the batch of all data-parallel ranks (samples gathered with a
 differentiable all_gather) instead of each device's own batch.
+
+Maps of other sizes: the student's features are resized to the teacher's h×w (bilinear, align_corners=False) before
+the connector and both terms. CAM (C×C channel attention) and CKA (per-sample Gram matrices over the batch) are
+width- and size-free, but PAM's 5×5 grid blocks must cover the same image regions in both maps, so one resize serves
+both terms; widths need no projection under CKA (the MSE ablation's connector maps them).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from ..distributed import gather_samples, world_size
 from ..errors import ConfigError
 from ..models.segmentor import SegOutput
 from ._numerics import compute_dtype, no_autocast
+from ._spatial import to_teacher_size
 from .attention import (
     BlockGroup,
     Projections,
@@ -143,7 +149,8 @@ class CSKDLoss(DistillLoss):
     # ------------------------------------------------------------------------------------------------- forward
 
     def forward(self, student: SegOutput, teacher: SegOutput, targets: Tensor | None = None) -> dict[str, Tensor]:
-        fs, ft = student.features, teacher.features.detach()
+        ft = teacher.features.detach()
+        fs = to_teacher_size(student.features, ft)  # PAM's grid blocks must cover the same image regions
         self._check_inputs(fs, ft)
         if self.connector is not None:
             fs = self.connector(fs)

@@ -8,6 +8,10 @@ matches the teacher channel by channel:
 Defaults are the CSKD recipe's (λ = 3, τ = 2 on the logits). ``on = "features"`` applies the same loss to the
 segmentors' feature maps instead (the CWD paper's feature variant); when the student's channel count differs from
 the teacher's, a learned 1×1 convolution (no bias) maps the student's map first. Logits always agree in width.
+
+Maps of other sizes: the student's map (logits or features) is resized to the teacher's h×w (bilinear,
+align_corners=False) before the connector; logits must agree in class count, features in other widths go through the
+1×1 connector.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import Tensor, nn
 
 from ..models.segmentor import SegOutput
 from ._numerics import compute_dtype, no_autocast
+from ._spatial import logits_to_teacher_size, to_teacher_size
 from .base import DistillLoss, check_non_negative, check_positive, register_loss
 
 
@@ -65,6 +70,10 @@ class CWDLoss(DistillLoss):
     def forward(self, student: SegOutput, teacher: SegOutput, targets: Tensor | None = None) -> dict[str, Tensor]:
         zs = student.logits if self.on == "logits" else student.features
         zt = (teacher.logits if self.on == "logits" else teacher.features).detach()
+        if self.on == "logits":
+            zs = logits_to_teacher_size(zs, zt, "CWD")
+        else:
+            zs = to_teacher_size(zs, zt)
         if self.connector is not None:
             zs = self.connector(zs)
         return {"cwd": self.weight * channel_wise_kl(zs, zt, self.temperature)}

@@ -30,6 +30,9 @@ Its poly schedule decays to 1e-4 instead of 0 (``adjust_lr``), which the engine'
 Differences from the published code: if the student's logits differ in spatial size from the teacher's, they are
 resized to the teacher's size (bilinear, align_corners=False) first; the published code assumes equal sizes.
 The relations are computed in float32 (float64 inputs stay float64) outside autocast.
+
+Maps of other sizes: the student's logits (and aux logits) are resized to the teacher's h×w (bilinear,
+align_corners=False); the class counts must agree.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..models.segmentor import SegOutput
-from ._spatial import to_teacher_size
+from ._spatial import logits_to_teacher_size
 from .base import DistillLoss, check_non_negative, check_positive, register_loss
 from ._numerics import compute_dtype, no_autocast
 
@@ -57,7 +60,7 @@ def dist_loss(student: Tensor, teacher: Tensor, beta: float = 1.0, gamma: float 
               temperature: float = 1.0) -> Tensor:
     """τ²(β·inter + γ·intra) for B×K×h×w logits (the student's resized to the teacher's size) or N×K scores."""
     if student.dim() == 4:
-        student = to_teacher_size(student, teacher)
+        student = logits_to_teacher_size(student, teacher, "DIST")
     if student.shape != teacher.shape:
         raise ValueError(f"DIST needs logits of one shape, got student {tuple(student.shape)} and teacher "
                          f"{tuple(teacher.shape)}")

@@ -33,6 +33,9 @@ Differences from the published code, and why:
   student's logits (before pooling) are resized to the teacher's size (bilinear, align_corners=False). The
   published code assumes equal sizes. Channel counts may differ (the attention is a channel mean; the logits agree).
 - Float32 (float64 inputs stay float64) outside autocast.
+
+Maps of other sizes: each student attention map and the student's logits are resized to the teacher's h×w (bilinear,
+align_corners=False); attention is a channel reduction (width-free); the logits' class counts must agree.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.segmentor import SegOutput
-from ._spatial import to_teacher_size
+from ._spatial import logits_to_teacher_size, to_teacher_size
 from .base import DistillLoss, check_non_negative, check_positive, register_loss
 from ._numerics import compute_dtype, no_autocast
 
@@ -76,7 +79,7 @@ def pixel_similarity(student_maps: list[Tensor], teacher_maps: list[Tensor]) -> 
 
 def category_similarity(student: Tensor, teacher: Tensor, temperature: float = 4.0, pool: int = 2) -> Tensor:
     """L_csd for B×K×h×w logits (the student's resized to the teacher's size first)."""
-    student = to_teacher_size(student, teacher)
+    student = logits_to_teacher_size(student, teacher, "DSD's category similarity")
     if student.shape != teacher.shape:
         raise ValueError(f"DSD's category similarity needs logits of one shape, got student "
                          f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}")

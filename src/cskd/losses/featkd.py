@@ -11,8 +11,11 @@ The study's description gives no weight; the default is 1 (plain MSE), and ``wei
 
 How this differs from ``fitnet`` (:mod:`cskd.losses.fitnet`), whose connector and regression it shares by
 subclassing: the ``featkd`` method is this term alone, weight 1, no logit KD; the ``fitnet`` method is CIRKD's
-FitNet recipe (pixel-wise KD on the logits + this regression at weight 10). And this loss accepts maps of another
-spatial size (the student's is resized); FitNet's refuses them.
+FitNet recipe (pixel-wise KD on the logits + this regression at weight 10). Both resize a student map of another
+spatial size to the teacher's (the package's rule, :mod:`cskd.losses._spatial`).
+
+Maps of other sizes: as FitNet's, the student's features resized to the teacher's h×w (bilinear,
+align_corners=False), then the 1×1 connector.
 """
 
 from __future__ import annotations

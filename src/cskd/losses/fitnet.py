@@ -11,6 +11,9 @@ the optimiser); it exists only for training.
 
 Published recipe (github.com/winycg/CIRKD, train_scripts/train_kd/train_fitnet.sh, Cityscapes): weight 10 on this
 term, plus pixel-wise KD (weight 1, τ = 1); connector with PyTorch's default Conv2d initialisation.
+
+Maps of other sizes: the student's features are resized to the teacher's h×w (bilinear, align_corners=False) before
+the 1×1 connector, which maps the widths.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import Tensor, nn
 
 from ..models.segmentor import SegOutput
 from ._numerics import compute_dtype, no_autocast
+from ._spatial import to_teacher_size
 from .base import DistillLoss, check_non_negative, register_loss
 
 
@@ -42,7 +46,8 @@ class FitNetLoss(DistillLoss):
         self.connector = nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
 
     def forward(self, student: SegOutput, teacher: SegOutput, targets: Tensor | None = None) -> dict[str, Tensor]:
-        fs, ft = student.features, teacher.features.detach()
+        ft = teacher.features.detach()
+        fs = to_teacher_size(student.features, ft)
         if fs.shape[0] != ft.shape[0] or fs.shape[-2:] != ft.shape[-2:]:
             raise ValueError(f"FitNet needs student and teacher maps of one batch and spatial size, got "
                              f"{tuple(fs.shape)} and {tuple(ft.shape)}")

@@ -19,6 +19,9 @@ loss). The method ``ifvd`` has all three, ``ifvd_noadv`` the first two.
 Differences from the published code (same value, cheaper): the per-class loop over every class becomes two
 batched products with a one-hot label matrix, and the centres are class *sums* rather than means — cosine is
 scale-invariant, so the published ``+1e-6`` in the mean's denominator has no counterpart here.
+
+Maps of other sizes: the student's features are resized to the teacher's h×w (bilinear, align_corners=False) and the
+labels to that size by nearest; the class centres and cosine similarities are per map, so widths may differ.
 """
 
 from __future__ import annotations
@@ -29,17 +32,8 @@ from torch import Tensor
 
 from ..models.segmentor import SegOutput
 from ._numerics import compute_dtype, no_autocast
+from ._spatial import labels_at as downsample_labels, to_teacher_size
 from .base import DistillLoss, check_non_negative, register_loss
-
-
-def downsample_labels(targets: Tensor, size: tuple[int, int]) -> Tensor:
-    """B×H×W labels → B×h×w by nearest-neighbour sampling (PyTorch's ``mode="nearest"``, as the published losses
-    do). Float32 holds every label value 0…255 exactly, so the round trip through float is lossless."""
-    if targets.dim() != 3:
-        raise ValueError(f"targets must be B×H×W class indices, got shape {tuple(targets.shape)}")
-    if tuple(targets.shape[-2:]) == tuple(size):
-        return targets.long()
-    return F.interpolate(targets[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
 def class_one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -102,8 +96,10 @@ class IFVDLoss(DistillLoss):
     def forward(self, student: SegOutput, teacher: SegOutput, targets: Tensor | None = None) -> dict[str, Tensor]:
         if targets is None:
             raise ValueError("ifvd needs the labels (targets); the engine passes them when needs_targets is set")
-        labels = downsample_labels(targets, tuple(student.features.shape[-2:]))
-        loss = ifv_loss(student.features, teacher.features.detach(), labels, self.num_classes)
+        ft = teacher.features.detach()
+        fs = to_teacher_size(student.features, ft)
+        labels = downsample_labels(targets, tuple(ft.shape[-2:]))
+        loss = ifv_loss(fs, ft, labels, self.num_classes)
         return {"ifvd": self.weight * loss}
 
 

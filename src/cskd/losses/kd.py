@@ -2,7 +2,10 @@
 
     L = τ² · mean over the B·H·W pixels of KL(softmax(z_t/τ) ‖ softmax(z_s/τ)),
 
-softmax over the classes. Student and teacher logits are at the same stride (1/8 of the input).
+softmax over the classes.
+
+Maps of other sizes: the student's logits are resized to the teacher's h×w (bilinear, align_corners=False;
+:mod:`cskd.losses._spatial`); the class counts must agree (a clear error otherwise).
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from torch import Tensor
 
 from ..models.segmentor import SegOutput
 from ._numerics import compute_dtype, no_autocast
+from ._spatial import logits_to_teacher_size
 from .base import DistillLoss, check_non_negative, check_positive, register_loss
 
 
 def pixel_wise_kl(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
-    """τ² · mean over pixels of KL(softmax_C(z_t/τ) ‖ softmax_C(z_s/τ)) for B×C×H×W logits (float32 or wider)."""
+    """τ² · mean over pixels of KL(softmax_C(z_t/τ) ‖ softmax_C(z_s/τ)) for B×C×H×W logits of one shape (float32
+    or wider); :class:`KDLoss` resizes the student's first."""
     if student.shape != teacher.shape:
         raise ValueError(f"KD needs logits of one shape, got student {tuple(student.shape)} and teacher "
                          f"{tuple(teacher.shape)}")
@@ -51,7 +56,9 @@ class KDLoss(DistillLoss):
         self.temperature = float(temperature)
 
     def forward(self, student: SegOutput, teacher: SegOutput, targets: Tensor | None = None) -> dict[str, Tensor]:
-        return {"kd": self.weight * pixel_wise_kl(student.logits, teacher.logits.detach(), self.temperature)}
+        zt = teacher.logits.detach()
+        zs = logits_to_teacher_size(student.logits, zt, "KD")
+        return {"kd": self.weight * pixel_wise_kl(zs, zt, self.temperature)}
 
 
 __all__ = ["KDLoss", "pixel_wise_kl"]

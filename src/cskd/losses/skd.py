@@ -15,6 +15,9 @@ on the logits (the registered ``kd`` loss: weight 1, τ = 1), and the holistic a
 discriminator on the logits, hinge loss, λ_adv 0.001 for the student, λ_d 0.1 for the discriminator, Adam 4e-4,
 β = (0.9, 0.99)): the registered ``adv`` loss (:mod:`cskd.losses.adv`). The method ``skd`` has all three terms,
 ``skd_noadv`` the first two.
+
+Maps of other sizes: the student's features are resized to the teacher's h×w (bilinear, align_corners=False) before
+the pooling and the n×n pair-wise similarities (width-free).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import Tensor
 
 from ..models.segmentor import SegOutput
 from ._numerics import compute_dtype, no_autocast
+from ._spatial import to_teacher_size
 from .base import DistillLoss, check_non_negative, register_loss
 
 
@@ -34,6 +38,8 @@ def pairwise_similarity(features: Tensor) -> Tensor:
 
 
 def pairwise_distillation(student: Tensor, teacher: Tensor, pool: int = 2) -> Tensor:
+    """The pair-wise term; the student's map is resized to the teacher's size first."""
+    student = to_teacher_size(student, teacher)
     if student.shape[0] != teacher.shape[0] or student.shape[-2:] != teacher.shape[-2:]:
         raise ValueError(f"SKD needs student and teacher maps of one batch and spatial size, got "
                          f"{tuple(student.shape)} and {tuple(teacher.shape)}")
