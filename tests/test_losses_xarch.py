@@ -70,7 +70,6 @@ def test_every_loss_across_architectures(name: str, direction: str) -> None:
     student.zero_grad(set_to_none=True)
     terms = loss(s_out, t_out, targets)
     assert terms and all(isinstance(k, str) for k in terms)
-    # every term carries the loss's name (the logged keys), e.g. "cskd_cam", "adv_g"
     for key, value in terms.items():
         assert value.dim() == 0 and torch.isfinite(value), (key, value)
     total = sum(terms.values())
