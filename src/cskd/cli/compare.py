@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..studies import compare
 
-    plan = compare.make_plan(
+    plan = compare.plan(
         args.config, tuple(m for m in args.methods.split(",") if m), seeds=args.seeds,
         budgets=tuple(b for b in args.budget.split(",") if b), out=args.out, gpu_seconds=args.gpu_seconds,
         time_reference=args.time_reference, val_points=args.val_points, overrides=tuple(args.overrides),

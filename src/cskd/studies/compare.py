@@ -49,7 +49,7 @@ class ComparePlan:
     val_points: int
 
 
-def make_plan(
+def plan(
     config: str | Path,
     methods: tuple[str, ...],
     seeds: int = 3,
@@ -228,4 +228,4 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             w.writerow(r)
 
 
-__all__ = ["BUDGETS", "ComparePlan", "make_plan", "run", "run_config", "write_report"]
+__all__ = ["BUDGETS", "ComparePlan", "plan", "run", "run_config", "write_report"]
