@@ -75,7 +75,7 @@ def check_fit(module: nn.Module, state: Mapping[str, Tensor], source: str, hint:
 @lru_cache(maxsize=None)
 def _registered_layout(name: str) -> frozenset[tuple[str, tuple[int, ...]]]:
     """(key, shape) pairs of a registered backbone's state dict, built on the meta device (no memory, no init)."""
-    from .backbones import BACKBONES
+    from ..models.backbones import BACKBONES
 
     with torch.device("meta"):
         module = BACKBONES[name].builder()
@@ -84,7 +84,7 @@ def _registered_layout(name: str) -> frozenset[tuple[str, tuple[int, ...]]]:
 
 def _check_backbone_family(backbone: nn.Module, state: Mapping[str, Tensor], model_backbone: str, source: str) -> None:
     """A one-line error when ``state``'s backbone entries are exactly another registered backbone's."""
-    from .backbones import backbone_names
+    from ..models.backbones import backbone_names
 
     got = frozenset((k, tuple(v.shape)) for k, v in backbone_state_dict(state).items())
     own = frozenset((k, tuple(v.shape)) for k, v in backbone.state_dict().items())
