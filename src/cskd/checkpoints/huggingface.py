@@ -256,7 +256,7 @@ def build_hf_segformer(
     ``source``: a ``save_pretrained`` directory (its ``config.json`` is read too), a ``.safetensors`` / ``.bin``
     file, or a state dict. ``config``: a ``config.json`` path or its dict, if not beside the weights.
     """
-    from .backbones.mit import MixVisionTransformer
+    from ..models.backbones.mit import MixVisionTransformer
     from .heads.segformer import SegFormerHead
     from .segmentor import Segmentor
 

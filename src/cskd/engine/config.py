@@ -375,7 +375,7 @@ def expand_method(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, An
     touches = any(text.split("=", 1)[0].split(".")[0] == "losses" for text in overrides)
     if not touches or raw.get("losses") or not isinstance(method, str):
         return raw
-    from ..methods import METHODS
+    from ..losses.methods import METHODS
 
     if method not in METHODS:
         return raw  # config_from_dict names the unknown method
