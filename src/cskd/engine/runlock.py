@@ -1,13 +1,16 @@
 """One run per output folder: an exclusive, non-blocking OS lock on ``<run_dir>/.lock``.
 
-The lock is ``fcntl.flock`` (``msvcrt.locking`` on Windows): the operating system releases it when the holder's
-process ends, however it ends, so a ``kill -9`` never leaves a stale lock behind. The file holds the holder's pid
+The lock is a POSIX record lock, ``fcntl.lockf`` (``msvcrt.locking`` on Windows): the operating system releases it
+when the holder's process ends, however it ends, so a ``kill -9`` never leaves a stale lock behind. Not
+``fcntl.flock``: a flock belongs to the open file, which forked DataLoader workers share, so workers outliving a
+killed main process would keep the folder locked; a record lock belongs to the process and is not inherited. The file holds the holder's pid
 and host, for the message that refuses a second run. Within one process the lock is shared (counted): a second
 :class:`~cskd.engine.trainer.Trainer` on the same folder in the same process is the caller's own choice.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -37,12 +40,10 @@ class RunInUseError(TrainingError):
 def _try_lock(fd: int) -> bool:
     if fcntl is not None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
-        except BlockingIOError:
-            return False
-        except OSError as e:  # e.g. a file system without locks: go on unlocked rather than refuse every run
-            return e.errno not in (11, 35)  # EAGAIN / EWOULDBLOCK on Linux / macOS
+        except OSError as e:  # held: EAGAIN / EACCES; else (a file system without locks) go on unlocked
+            return e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
     if msvcrt is not None:
         try:
             os.lseek(fd, 0, os.SEEK_SET)
