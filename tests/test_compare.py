@@ -123,3 +123,25 @@ def test_a_run_folder_of_another_config_is_refused(synth: Path, tmp_path: Path) 
                              overrides=("train.lr=0.05",))
     with pytest.raises(ConfigError, match="different configuration"):
         compare.run(plan, progress=False)
+
+
+def test_set_on_a_methods_terms_reaches_compares_runs(synth: Path, tmp_path: Path) -> None:
+    """``cskd compare --set losses.N.key=value``: compare rebuilds each run's losses from the method's name; the
+    override is applied to each method that has a term N (issue #22 item 4 for compare)."""
+    from cskd.studies import compare
+
+    cfg = write_config(tmp_path, synth)
+    plan = compare.make_plan(cfg, ("baseline", "kd", "cskd"), seeds=1, budgets=("iterations",),
+                             out=tmp_path / "out", overrides=("losses.1.lambda_cam=0.5", "train.lr=0.02"))
+    runs = {m: compare.run_config(plan, "iterations", m, 0, None) for m in plan.methods}
+    assert [lc.params.get("lambda_cam") for lc in runs["cskd"].losses][1] == 0.5
+    assert runs["cskd"].train.lr == 0.02 and runs["kd"].train.lr == 0.02
+    assert [lc.name for lc in runs["kd"].losses] == [lc["name"] for lc in METHODS["kd"].losses]  # one term: untouched
+    assert runs["baseline"].losses == [] or not runs["baseline"].losses
+
+
+def test_results_json_writes_null_for_non_finite(tmp_path: Path) -> None:
+    from cskd.engine.records import dumps
+
+    text = dumps({"miou": float("nan"), "delta": [1.0, float("inf")], "path": tmp_path}, indent=2)
+    assert json.loads(text) == {"miou": None, "delta": [1.0, None], "path": str(tmp_path)}

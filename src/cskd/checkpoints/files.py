@@ -9,6 +9,7 @@ plain containers so that :func:`safe_load` reads them back.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -44,23 +45,83 @@ def safe_load(path: str | Path) -> Any:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` to ``path`` through a temporary file in the same folder (fsync'ed, then renamed over the
+    target). Any failure (a full disk, a read-only folder, a directory where the file should be, Ctrl-C) removes
+    the temporary file and leaves the previous file as it was; an OS error becomes a :class:`CheckpointError`
+    naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "a directory is in the way of the file", str(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
+        tmp = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({_os_reason(e)})") from None
+    except RuntimeError as e:  # torch.save's zip writer reports a failed write (a full disk) as its own error
+        cause = e.__context__ or e.__cause__
+        if isinstance(cause, OSError):
+            raise CheckpointError(f"{path}: cannot write the checkpoint ({_os_reason(cause)})") from None
+        if "write" not in str(e).lower():
+            raise
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({first_line(e)})") from None
     finally:
-        os.close(dir_fd)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _os_reason(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return e.strerror or first_line(e)
+
+
+def first_nonfinite(named: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor of ``named`` holding a NaN or an infinity, else None.
+
+    One fused reduction and one host synchronisation: each tensor's ``isfinite().all()`` is stacked into one
+    vector (per device) and read once; the offending name is looked up only when something is wrong."""
+    items = [(k, t) for k, t in named.items() if t.is_floating_point() or t.is_complex()]
+    if not items:
+        return None
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(items):
+        by_device.setdefault(t.device, []).append(i)
+    flags = torch.empty(len(items), dtype=torch.bool)
+    finite = True
+    for device, idx in by_device.items():
+        with torch.no_grad():
+            ok = torch.stack([torch.isfinite(items[i][1].detach()).all() for i in idx]).cpu()
+        flags[idx] = ok
+        finite = finite and bool(ok.all())
+    if finite:
+        return None
+    return items[int((~flags).nonzero()[0])][0]
+
+
+def named_tensors(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of nested dicts / lists, by dotted name (``optimizer.state.3.exp_avg``)."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(tree, torch.Tensor):
+        out[prefix] = tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(named_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            out.update(named_tensors(v, f"{prefix}.{i}" if prefix else str(i)))
+    return out
 
 
 def capture_rng() -> dict[str, Any]:
@@ -124,4 +185,4 @@ def _python_state_from_tensor(d: dict[str, Any]) -> tuple:
     return (d["version"], tuple(int(x) for x in d["internal"].tolist()), d["gauss"])
 
 
-__all__ = ["atomic_save", "capture_rng", "restore_rng", "resume_difference", "run_environment", "safe_load"]
+__all__ = ["atomic_save", "first_nonfinite", "named_tensors", "capture_rng", "restore_rng", "resume_difference", "run_environment", "safe_load"]

@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cskd {args.command}: error: {unwrap(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"cskd {args.command}: interrupted", file=sys.stderr)
+        again = "; run the same command again to continue (finished runs are reused, the interrupted one resumes)" \
+            if args.command in ("compare", "demo") else ""
+        print(f"cskd {args.command}: interrupted{again}", file=sys.stderr)
         return 130
 
 

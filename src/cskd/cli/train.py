@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import ConfigError
 
@@ -60,9 +61,22 @@ def _run(cfg, args: argparse.Namespace) -> int:  # noqa: ANN001
 
     try:
         train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print(f"cskd {args.command}: interrupted; {interrupted_note(cfg)}", file=sys.stderr, flush=True)
+        return 130
     finally:
         cleanup()
     return 0
+
+
+def interrupted_note(cfg) -> str:  # noqa: ANN001
+    """What remains after Ctrl-C (a save in progress leaves the previous file: the writes are atomic) and the
+    command that continues the run."""
+    from ..engine.trainer import resume_hint
+
+    last = cfg.run_dir / "last.pt"
+    kept = f"the last checkpoint {last} is intact. " if last.is_file() else ""
+    return kept + resume_hint(cfg)
 
 
 def run_train(args: argparse.Namespace) -> int:

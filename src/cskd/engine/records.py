@@ -105,9 +105,16 @@ def _finite_or_none(v: Any) -> Any:
     return v
 
 
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """Valid JSON (RFC 8259) for every file cskd writes (log.jsonl, metrics.json, results.json): NaN and ±inf,
+    which ``json.dumps`` would write bare (or refuse), become null; tensors and NumPy values become lists / numbers,
+    anything else its ``str``."""
+    return json.dumps(_finite_or_none(obj), default=_jsonable, allow_nan=False, indent=indent)
+
+
 def json_line(record: dict[str, Any]) -> str:
-    """One line of valid JSON (RFC 8259): NaN and ±inf, which ``json.dumps`` would write bare, become null."""
-    return json.dumps(_finite_or_none(record), default=_jsonable, allow_nan=False) + "\n"
+    """One line of valid JSON: :func:`dumps` of ``record`` and a newline."""
+    return dumps(record) + "\n"
 
 
 def read_records(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
@@ -128,4 +135,4 @@ def read_records(path: str | Path, kind: str | None = None) -> list[dict[str, An
     return out
 
 
-__all__ = ["RunRecorder", "json_line", "read_records"]
+__all__ = ["RunRecorder", "dumps", "json_line", "read_records"]

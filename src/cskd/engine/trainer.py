@@ -29,11 +29,13 @@ from .. import __version__
 from ..data.workers import iterate as iterate_loader
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..evaluation.metrics import SegMetrics
-from ..checkpoints.files import atomic_save, capture_rng, restore_rng, resume_difference, run_environment, safe_load
+from ..checkpoints.files import (atomic_save, capture_rng, first_nonfinite, named_tensors, restore_rng,
+                                 resume_difference, run_environment, safe_load)
 from ..checkpoints.weights import load_weights
 from ..distributed import DistEnv, all_gather_objects, barrier, init_distributed
 from .config import ExperimentConfig, save_config
 from .records import RunRecorder, read_records
+from .runlock import RunLock
 from .runner import StepRunner
 from .sampling import SeededBatchSampler, SeededSamples
 
@@ -140,6 +142,31 @@ class Trainer:
             )
         self.batch_per_device = train_cfg.batch_size // self.env.world_size
 
+        self._lock = self._lock_run_dir()  # before anything reads or writes the folder
+        try:
+            self._set_up(resume, overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _lock_run_dir(self) -> RunLock:
+        """One run per output folder: rank 0 takes the folder's lock (the other ranks must not, or they would
+        refuse each other); every rank learns whether it was refused, so that none waits for the others."""
+        lock, refused = None, None
+        if self.env.is_main:
+            try:
+                lock = RunLock.acquire(self.run_dir)
+            except TrainingError as e:
+                refused = e
+        messages = all_gather_objects(str(refused) if refused is not None else None)
+        if refused is not None:
+            raise refused
+        if messages[0] is not None:
+            raise TrainingError(messages[0])
+        return lock or RunLock("")
+
+    def _set_up(self, resume: str | None, overwrite: bool) -> None:
+        cfg, train_cfg = self.cfg, self.cfg.train
         self._configure_backends()
         resume_path = self._resume_path(resume, overwrite)
 
@@ -322,12 +349,23 @@ class Trainer:
         }
 
     def save(self, name: str) -> Path:
+        """Write ``<run_dir>/<name>`` atomically, after checking that every floating tensor it would hold (weights,
+        buffers, the optimisers' states, the losses' own optimisers included) is finite: a run whose weights went
+        non-finite stops here, and the previous checkpoint stays as it was. Every rank checks its own (identical)
+        state, so all stop together."""
         start = time.perf_counter()
         self.runner.sync_buffers()
         state = self._state()  # every rank joins the RNG gather
         path = self.run_dir / name
+        checked = {k: state[k] for k in ("model", "losses", "optimizer", "auxiliary_optimizers", "scaler")}
+        bad = first_nonfinite(named_tensors(checked))
+        if bad is not None:
+            self._fail_nonfinite_weights(bad, path)
         if self.env.is_main:
-            atomic_save(state, path)
+            try:
+                atomic_save(state, path)
+            except CheckpointError as e:
+                raise TrainingError(f"{e}; {self._kept(path)}. {self.resume_hint()}") from None
         barrier()
         self.checkpoint_seconds += time.perf_counter() - start
         return path
@@ -391,17 +429,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the loop
 
     def fit(self) -> TrainResult:
-        """Plan the budget, open the run's records, train, then sum the run up."""
-        self.plan_budget()
-        recorder = self._open_records()
+        """Plan the budget, open the run's records, train, then sum the run up (and release the folder's lock)."""
         try:
-            self._train(recorder)
+            self.plan_budget()
+            recorder = self._open_records()
+            try:
+                self._train(recorder)
+            finally:
+                recorder.close()
+                self._val = None  # stops the validation workers now, not whenever the Trainer is collected
+            result = self._result()
+            if self.env.is_main:
+                self._write_summary(recorder, result)
         finally:
-            recorder.close()
-            self._val = None  # stops the validation workers now, not whenever the Trainer is collected
-        result = self._result()
-        if self.env.is_main:
-            self._write_summary(recorder, result)
+            self._lock.release()
         return result
 
     def _open_records(self) -> RunRecorder:
@@ -519,6 +560,26 @@ class Trainer:
               f"({result.images_per_second:.1f} img/s; first step {self.warmup_seconds:.1f} s, not counted), "
               f"{best}; checkpoints in {self.run_dir}", flush=True)
 
+    def _kept(self, path: Path | None = None) -> str:
+        last = self.run_dir / "last.pt"
+        if path is not None and path != last and path.is_file():
+            return f"the previous {path.name} and {last.name} are intact (left untouched)" if last.is_file() \
+                else f"the previous {path} is intact (left untouched)"
+        return (f"the previous checkpoint {last} is intact (left untouched)" if last.is_file()
+                else "no checkpoint had been written yet")
+
+    def resume_hint(self) -> str:
+        return resume_hint(self.cfg)
+
+    def _fail_nonfinite_weights(self, tensor: str, path: Path) -> None:
+        where = tensor.replace("optimizer.state.", "optimizer state of parameter ", 1) \
+            .replace("auxiliary_optimizers.", "a loss's optimiser state ", 1)
+        raise TrainingError(
+            f"non-finite weights at iteration {self.iteration} (first: {where}); training stopped before writing "
+            f"{path.name}, and {self._kept(path)}. "
+            "Lower train.lr, use train.amp=bf16/none instead of fp16, or check the data for bad labels."
+        )
+
     def _fail_nonfinite(self, iteration: int, values: dict[str, float], rec: RunRecorder) -> None:
         last = self.run_dir / "last.pt"
         keep = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint had been written yet"
@@ -544,9 +605,18 @@ class Trainer:
         )
 
 
+def resume_hint(cfg: ExperimentConfig) -> str:
+    """How to continue ``cfg``'s run from its last.pt (its own saved config, so that ``--set`` overrides hold)."""
+    if not (cfg.run_dir / "last.pt").is_file():
+        return "Start the run again once the cause is fixed."
+    command = "distill" if cfg.losses else "train"
+    config = cfg.run_dir / "config.yaml"
+    return f"Resume with `cskd {command} {config if config.is_file() else 'CONFIG'} --resume`."
+
+
 def train(cfg: ExperimentConfig, resume: str | None = None, progress: bool = True, overwrite: bool = False) -> TrainResult:
     """Build a :class:`Trainer` for ``cfg`` and run it."""
     return Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite).fit()
 
 
-__all__ = ["TrainResult", "Trainer", "train"]
+__all__ = ["TrainResult", "Trainer", "resume_hint", "train"]

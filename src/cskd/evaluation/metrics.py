@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -254,7 +253,9 @@ class SegMetrics:
         if extra:
             data = {"run": extra, **data}
         paths = {"json": out_dir / f"{stem}.json", "csv": out_dir / f"{stem}.csv", "md": out_dir / f"{stem}.md"}
-        paths["json"].write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+        from ..engine.records import dumps  # here: the engine imports this module
+
+        paths["json"].write_text(dumps(data, indent=2) + "\n")
         paths["csv"].write_text(self.csv(class_names))
         paths["md"].write_text(self.markdown(class_names))
         return paths

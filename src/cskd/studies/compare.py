@@ -19,13 +19,13 @@ resumes an interrupted one; a method that fails is reported as failed and the ot
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..engine.config import ExperimentConfig, load_config
+from ..engine.records import dumps
 from ..errors import ConfigError
 from ..losses.methods import METHODS
 from ..timing import environment
@@ -47,6 +47,8 @@ class ComparePlan:
     gpu_seconds: float | None
     time_reference: str
     val_points: int
+    loss_overrides: tuple[str, ...] = ()
+    """``--set losses.N.key=value``: applied to each method's own terms (see :func:`run_config`)."""
 
 
 def plan(
@@ -60,7 +62,8 @@ def plan(
     val_points: int = 8,
     overrides: tuple[str, ...] = (),
 ) -> ComparePlan:
-    base = load_config(config, overrides)
+    loss_overrides = tuple(o for o in overrides if _is_loss_override(o))
+    base = load_config(config, tuple(o for o in overrides if not _is_loss_override(o)))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -83,7 +86,16 @@ def plan(
         raise ConfigError(f"--seeds must be ≥ 1, got {seeds}")
     return ComparePlan(base, str(config), tuple(methods), seeds, tuple(budgets),
                        Path(out) if out else Path("runs") / f"compare_{base.name}", gpu_seconds, time_reference,
-                       val_points)
+                       val_points, loss_overrides)
+
+
+def _is_loss_override(text: str) -> bool:
+    return text.split("=", 1)[0].split(".")[0] == "losses"
+
+
+def _loss_index(text: str) -> int | None:
+    parts = text.split("=", 1)[0].split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
 
 
 def run_config(plan: ComparePlan, budget: str, method: str, seed: int, gpu_seconds: float | None) -> ExperimentConfig:
@@ -101,7 +113,17 @@ def run_config(plan: ComparePlan, budget: str, method: str, seed: int, gpu_secon
         raw["train"]["budget"] = {**raw["train"]["budget"], "iterations": None, "gpu_seconds": gpu_seconds}
     if not METHODS[method].is_distillation:
         raw["teacher"] = None
-    return config_from_dict(raw, f"{plan.config_path} ({budget}, {method}, seed {seed})")
+    where = f"{plan.config_path} ({budget}, {method}, seed {seed})"
+    # A method's terms are rebuilt from its name, so --set losses.N.key=value is applied here, to each method whose
+    # recipe has a term N (e.g. losses.1.lambda_cam reaches cskd's second term and leaves kd's single term alone).
+    applies = [o for o in plan.loss_overrides
+               if _loss_index(o) is None or _loss_index(o) < len(METHODS[method].losses)]
+    if applies:
+        from ..engine.config import apply_overrides, expand_method
+
+        raw = apply_overrides(expand_method(raw, applies), applies)
+        where += " (with --set overrides)"
+    return config_from_dict(raw, where)
 
 
 def run(plan: ComparePlan, progress: bool = True, command: str = "cskd compare") -> Path:
@@ -207,7 +229,7 @@ def write_report(plan: ComparePlan, records: dict[str, list[RunRecord]], gpu_sec
                             title=f"{plan.base.name}: {budget} budget")
         lines += [f"![mIoU against training time]({t_png.name})", "", f"![mIoU against iterations]({i_png.name})", ""]
         _write_csv(plan.out / f"table_{budget}.csv", rows)
-    (plan.out / "results.json").write_text(json.dumps(machine, indent=2, default=str))
+    (plan.out / "results.json").write_text(dumps(machine, indent=2))
     report = plan.out / "report.md"
     report.write_text("\n".join(lines))
     print(f"report: {report}", flush=True)

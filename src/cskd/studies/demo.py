@@ -8,7 +8,6 @@ included) and resumes an interrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from ..engine.config import ExperimentConfig, config_from_dict
+from ..engine.records import dumps
 from ..errors import ConfigError
 from ..losses.methods import METHODS
 from ..timing import environment
@@ -281,7 +281,7 @@ def write_report(
         lines += ["## Failed runs", ""] + [f"- {r.name}: {r.error}" for r in failed] + [""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "results.json").write_text(dumps(summary, indent=2))
     return report
 
 

@@ -88,6 +88,7 @@ def read_run(cfg: ExperimentConfig, group: str) -> RunRecord:
 def run_one(cfg: ExperimentConfig, group: str, progress: bool = True, retry_failed: bool = False) -> RunRecord:
     """Train ``cfg`` unless its folder already holds the finished run; resume it if interrupted; record a failure
     instead of raising, so that the other runs of a set go on."""
+    from ..engine.runlock import RunInUseError
     from ..engine.trainer import Trainer
 
     run_dir = cfg.run_dir
@@ -100,6 +101,8 @@ def run_one(cfg: ExperimentConfig, group: str, progress: bool = True, retry_fail
     try:
         resume = "auto" if (run_dir / "last.pt").exists() else None
         Trainer(cfg, resume=resume, progress=progress, overwrite=True).fit()
+    except RunInUseError:
+        raise  # another process is training this run: neither a failure of the method nor this process's to record
     except (CskdError, RuntimeError, ValueError) as e:  # a method that breaks must not stop the others
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
