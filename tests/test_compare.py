@@ -81,7 +81,7 @@ def test_a_failing_method_is_reported_and_the_others_go_on(synth: Path, tmp_path
     from cskd.studies import compare
 
     monkeypatch.setitem(METHODS, "broken", Method("broken", ({"name": "_test_compare_nan"},), "always NaN"))
-    plan = compare.make_plan(write_config(tmp_path, synth), ("baseline", "broken"), seeds=1,
+    plan = compare.plan(write_config(tmp_path, synth), ("baseline", "broken"), seeds=1,
                              budgets=("iterations",), out=tmp_path / "cmp")
     report = compare.run(plan, progress=False).read_text()
     assert "| broken |" in report and "failed" in report and "non-finite loss" in report
@@ -117,9 +117,9 @@ def test_a_run_folder_of_another_config_is_refused(synth: Path, tmp_path: Path) 
     from cskd.errors import ConfigError
 
     cfg = write_config(tmp_path, synth, iterations=2)
-    compare.run(compare.make_plan(cfg, ("baseline",), seeds=1, budgets=("iterations",), out=tmp_path / "c"),
+    compare.run(compare.plan(cfg, ("baseline",), seeds=1, budgets=("iterations",), out=tmp_path / "c"),
                 progress=False)
-    plan = compare.make_plan(cfg, ("baseline",), seeds=1, budgets=("iterations",), out=tmp_path / "c",
+    plan = compare.plan(cfg, ("baseline",), seeds=1, budgets=("iterations",), out=tmp_path / "c",
                              overrides=("train.lr=0.05",))
     with pytest.raises(ConfigError, match="different configuration"):
         compare.run(plan, progress=False)
@@ -131,7 +131,7 @@ def test_set_on_a_methods_terms_reaches_compares_runs(synth: Path, tmp_path: Pat
     from cskd.studies import compare
 
     cfg = write_config(tmp_path, synth)
-    plan = compare.make_plan(cfg, ("baseline", "kd", "cskd"), seeds=1, budgets=("iterations",),
+    plan = compare.plan(cfg, ("baseline", "kd", "cskd"), seeds=1, budgets=("iterations",),
                              out=tmp_path / "out", overrides=("losses.1.lambda_cam=0.5", "train.lr=0.02"))
     runs = {m: compare.run_config(plan, "iterations", m, 0, None) for m in plan.methods}
     assert [lc.params.get("lambda_cam") for lc in runs["cskd"].losses][1] == 0.5

@@ -51,8 +51,12 @@ def _loss_for(name: str, student: torch.nn.Module, teacher: torch.nn.Module):
                       student_stage_channels=student.stage_channels, teacher_stage_channels=teacher.stage_channels)
 
 
+# The built-in losses only: other test modules register throw-away losses in the same registry.
+BUILT_IN = sorted(n for n, cls in LOSSES.items() if cls.__module__.startswith("cskd.losses."))
+
+
 @pytest.mark.parametrize("direction", sorted(PAIRS))
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_every_loss_across_architectures(name: str, direction: str) -> None:
     t_spec, s_spec = PAIRS[direction]
     teacher, student = _model(t_spec), _model(s_spec)
