@@ -128,10 +128,27 @@ def all_gather_cat(x: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
+def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over the processes (one flat all-reduce); a no-op on one process."""
+    world = world_size()
+    if world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-__all__ = ["DistEnv", "all_gather_cat", "all_gather_objects", "barrier", "cleanup", "gather_samples",
-           "init_distributed", "resolve_device", "world_size"]
+__all__ = ["DistEnv", "all_gather_cat", "all_gather_objects", "all_reduce_gradients", "barrier", "cleanup",
+           "gather_samples", "init_distributed", "resolve_device", "world_size"]

@@ -21,28 +21,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ..distributed import all_reduce_gradients
 from ..losses.base import DistillLoss
 from ..models.segmentor import SegOutput
-
-
-def all_reduce_gradients(params: list[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over the processes (one flat all-reduce); a no-op on one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 class AuxiliaryOptimizers:
