@@ -24,7 +24,11 @@ def layout(name: str) -> list[tuple[str, list[int]]]:
     return [(k, s) for k, s in data["state_dict"]]
 
 
-def deterministic_state(shapes: list[tuple[str, list[int]]], seed: int = 0) -> dict[str, torch.Tensor]:
+def deterministic_state(
+    shapes: list[tuple[str, list[int]]], seed: int = 0, scale_linear: bool = False
+) -> dict[str, torch.Tensor]:
+    """``scale_linear``: linear (2-D) weights ~ N(0, 1/fan_in) instead of near 1, for transformer layouts, where a
+    stack of linear layers with weights near 1 explodes (the scheme that made ``tests/data/cirkdv2_forward_*.pt``)."""
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for key, shape in shapes:
@@ -33,6 +37,8 @@ def deterministic_state(shapes: list[tuple[str, list[int]]], seed: int = 0) -> d
         elif len(shape) == 4:
             fan_in = shape[1] * shape[2] * shape[3]
             out[key] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
+        elif scale_linear and len(shape) == 2:
+            out[key] = torch.randn(shape, generator=g) * (1.0 / shape[1]) ** 0.5
         elif key.endswith("running_var"):
             out[key] = 0.5 + torch.rand(shape, generator=g)
         elif key.endswith(".weight"):
