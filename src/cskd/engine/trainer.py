@@ -114,6 +114,15 @@ def _infinite(loader: DataLoader) -> Iterator[dict[str, Any]]:
         yield from iterate_loader(loader)
 
 
+
+def whole_rounds(steps: int, workers: int) -> int:
+    """``steps`` rounded up to a multiple of ``workers``. After the start-up queue is drained, the workers' batches
+    come in rounds (they restarted together), so a loader-bound pace is only measured right over whole rounds: 3
+    steps fed by 2 workers can take 2 batches' time instead of 3 (docs/benchmarks.md, "Time budgets")."""
+    if workers <= 1:
+        return steps
+    return -(-steps // workers) * workers
+
 class Trainer:
     """Build everything a config describes, then :meth:`fit`.
 
@@ -222,8 +231,9 @@ class Trainer:
         tally = StepTally(self.device)
         loader = self._make_train_loader(0)
         batches = iterate_loader(loader)
+        workers = self.cfg.data.workers
         self._step_seconds = self.runner.calibrate(
-            batches, max(budget.warmup_steps, self.cfg.data.workers * PREFETCH_BATCHES), budget.calibration_steps,
+            batches, max(budget.warmup_steps, workers * PREFETCH_BATCHES), whole_rounds(budget.calibration_steps, workers),
             after_step=lambda loss, terms: tally.add(1, loss, terms))
         del batches, loader  # its workers stop now, before the run starts its own
         self.total_iterations = max(1, int(budget.gpu_seconds / self._step_seconds))
