@@ -19,7 +19,7 @@ window, multi-scale) live in :mod:`cskd.evaluation`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torchvision import tv_tensors
@@ -33,6 +33,20 @@ from .normalize import mean_pixel
 def _randint(low: int, high: int) -> int:
     """Uniform integer in [low, high] from torch's generator (seeded per DataLoader worker)."""
     return low if high <= low else int(torch.randint(low, high + 1, ()).item())
+
+
+class CropWindow(NamedTuple):
+    """One draw of :class:`RandomScaleCrop`: the scale, the source region (top, left, src_h, src_w), the size it is
+    resized to, and the padding (left, top, right, bottom) that brings that to ``crop_size``."""
+
+    scale: float
+    top: int
+    left: int
+    src_h: int
+    src_w: int
+    out_h: int
+    out_w: int
+    padding: tuple[int, int, int, int]
 
 
 class RandomScaleCrop:
@@ -58,7 +72,9 @@ class RandomScaleCrop:
 
     @staticmethod
     def _axis(src: int, crop: int, scale: float) -> tuple[int, int, int, int, int]:
-        """For one axis: (source offset, source length, resized length, pad before, pad after)."""
+        """For one axis: (source offset, source length, resized length, pad before, pad after). Where the scaled
+        image covers the crop, the window is drawn in source pixels (``round(crop / scale)`` of them, resized to
+        ``crop``): the same uniform placement as an offset drawn in the scaled image, without resizing the rest."""
         scaled = max(1, round(src * scale))
         if scaled >= crop:
             length = min(src, max(1, round(crop / scale)))
@@ -66,22 +82,27 @@ class RandomScaleCrop:
         before = _randint(0, crop - scaled)
         return 0, src, scaled, before, crop - scaled - before
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        image = sample["image"]
-        h, w = image.shape[-2:]
+    def window(self, h: int, w: int) -> CropWindow:
+        """Draw the scale and the window for an ``h``×``w`` source (the RNG calls of :meth:`__call__`)."""
         lo, hi = self.scale_range
         scale = lo + (hi - lo) * float(torch.rand(()).item())
         top, src_h, out_h, pad_t, pad_b = self._axis(h, self.crop_size[0], scale)
         left, src_w, out_w, pad_l, pad_r = self._axis(w, self.crop_size[1], scale)
-        padding = [pad_l, pad_t, pad_r, pad_b]
+        return CropWindow(scale, top, left, src_h, src_w, out_h, out_w, (pad_l, pad_t, pad_r, pad_b))
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        image = sample["image"]
+        win = self.window(*image.shape[-2:])
+        top, left, src_h, src_w, size = win.top, win.left, win.src_h, win.src_w, [win.out_h, win.out_w]
+        padding = list(win.padding)
         out = dict(sample)
-        img = F.resized_crop(tv_tensors.Image(image), top, left, src_h, src_w, [out_h, out_w],
+        img = F.resized_crop(tv_tensors.Image(image), top, left, src_h, src_w, size,
                              interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
         if any(padding):
             img = F.pad(img, padding, fill=self.fill)
         out["image"] = img
         if "mask" in sample:
-            mask = F.resized_crop(tv_tensors.Mask(sample["mask"]), top, left, src_h, src_w, [out_h, out_w],
+            mask = F.resized_crop(tv_tensors.Mask(sample["mask"]), top, left, src_h, src_w, size,
                                   interpolation=v2.InterpolationMode.NEAREST)
             if any(padding):
                 mask = F.pad(mask, padding, fill=self.ignore_index)
@@ -103,4 +124,4 @@ def build_eval_transform() -> v2.Identity:
     return v2.Identity()
 
 
-__all__ = ["RandomScaleCrop", "build_eval_transform", "build_train_transform"]
+__all__ = ["CropWindow", "RandomScaleCrop", "build_eval_transform", "build_train_transform"]

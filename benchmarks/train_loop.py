@@ -1,0 +1,146 @@
+"""The real training loop's throughput against the bare step: is the loop fed as fast as the step runs?
+
+1. Writes ``--images`` synthetic street scenes of ``--size`` (PNG, the Cityscapes layout: ``leftImg8bit/…`` and
+   ``gtFine/…_gtFine_labelIds.png`` with Cityscapes label ids; :mod:`cskd.data.synthetic`) into ``--data`` (kept
+   and reused when given; a temporary folder otherwise). The config's dataset reads them as it reads the real one.
+2. Runs the engine as ``cskd distill CONFIG`` does: ``load_config(CONFIG, --set …)`` and ``Trainer(cfg).fit()``,
+   with ``data.root`` pointed at the scenes, ``--iterations`` iterations, one log point every ``--window``
+   iterations, no checkpoint or validation before the end (one validation image at the end). Weight files the
+   config names that do not exist (teacher weights, ImageNet backbones) are dropped: those models start from
+   random weights, which the output says. Speed does not depend on the weights.
+3. Times the same step (the Trainer's own StepRunner, on one batch kept on the device) with
+   ``benchmarks/train_step.py``'s ``time_steps``, and prints the loop's img/s per window and overall, the step's,
+   and their ratio. The loop's time is the Trainer's ``train_seconds`` (its first step, compilation and cuDNN
+   autotuning, is left out, as the Trainer reports it).
+
+    python benchmarks/train_loop.py --data /tmp/cs_synth --images 256 --iterations 600 --set data.workers=14
+    python benchmarks/train_loop.py --device cpu --images 4 --size 64 128 --iterations 3 --window 1 \\
+        --set data.crop_size=[32,64] --set train.batch_size=2 --set data.workers=0 --step-warmup 1 --step-iters 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cskd.data import synthetic
+from cskd.engine.config import apply_overrides, config_from_dict, expand_method, read_yaml
+from cskd.engine.trainer import Trainer
+from cskd.timing import cpu_name
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import time_steps  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs/cityscapes/cskd_deeplabv3-r101_deeplabv3-r18.yaml"
+WEIGHT_KEYS = ("model.pretrained_base", "model.weights", "teacher.pretrained_base", "teacher.weights")
+
+
+def missing_weights(raw: dict[str, Any]) -> list[str]:
+    """``--set KEY=null`` for each weight file the config names that is not on disk (relative to the working
+    directory, as the engine reads it)."""
+    out = []
+    for key in WEIGHT_KEYS:
+        block, name = key.split(".")
+        path = (raw.get(block) or {}).get(name)
+        if path and not Path(path).expanduser().is_file():
+            print(f"{key}: {path} not found; random weights instead", flush=True)
+            out.append(f"{key}=null")
+    return out
+
+
+def windows(history: list[dict[str, Any]], batch: int, warmup_steps: int) -> list[dict[str, Any]]:
+    """img/s between consecutive log points, from the Trainer's cumulative ``train_seconds`` (the first window
+    loses the untimed first step)."""
+    rows, last_it, last_s = [], 0, 0.0
+    for rec in (r for r in history if r.get("kind") == "train"):
+        it, sec = int(rec["iteration"]), float(rec["train_seconds"])
+        steps = it - last_it - (warmup_steps if last_it == 0 else 0)
+        if sec > last_s and steps > 0:
+            rows.append({"from": last_it, "to": it, "img_per_s": steps * batch / (sec - last_s)})
+        last_it, last_s = it, sec
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="e.g. " + __doc__.split("\n\n")[-1].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="as `cskd distill --set` (applied after the benchmark's own settings)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (sets train.device)")
+    p.add_argument("--data", help="folder for the synthetic scenes (kept, and reused when it matches)")
+    p.add_argument("--images", type=int, default=64, help="training images to generate (+1 validation image)")
+    p.add_argument("--size", nargs=2, type=int, default=(1024, 2048), metavar=("H", "W"), help="source size")
+    p.add_argument("--iterations", type=int, default=600)
+    p.add_argument("--window", type=int, default=100, help="iterations per reported window")
+    p.add_argument("--step-warmup", type=int, default=10)
+    p.add_argument("--step-iters", type=int, default=30)
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(args.data) if args.data else Path(tmp) / "data"
+        t = time.perf_counter()
+        synthetic.ensure(data, args.images, 1, tuple(args.size), seed=0)
+        pngs = list((data / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))
+        # The decode cost follows the file size: compare it with the real files'.
+        png_mb = sum(f.stat().st_size for f in pngs) / len(pngs) / 1e6
+        print(f"{args.images} + 1 synthetic {args.size[0]}×{args.size[1]} scenes in {data} "
+              f"({time.perf_counter() - t:.0f} s; image PNGs {png_mb:.2f} MB on average)", flush=True)
+        overrides = [f"data.root={data}", f"output_dir={Path(tmp) / 'run'}",
+                     f"train.budget={{iterations: {args.iterations}}}", f"train.log_every={args.window}",
+                     "train.val_points=null", f"train.val_every={10**9}", f"train.save_every={10**9}",
+                     "eval.max_images=1", *args.overrides]
+        if args.device:
+            overrides.append(f"train.device={args.device}")
+        raw = apply_overrides(expand_method(read_yaml(args.config), overrides), overrides)
+        overrides += missing_weights(raw)
+        raw = apply_overrides(raw, [o for o in overrides if o.split("=", 1)[0] in WEIGHT_KEYS])
+        cfg = config_from_dict(raw, f"{args.config} (benchmark settings)")
+
+        trainer = Trainer(cfg, progress=False, overwrite=True)
+        result = trainer.fit()
+        batch = cfg.train.batch_size
+        wins = windows(result.history, batch, trainer.warmup_steps)
+        runner = trainer.runner
+        step_s = statistics.median(time_steps(runner, cfg.data.crop_size, args.step_warmup, args.step_iters))
+        step_ips = trainer.batch_per_device / step_s
+
+    loop_ips = result.images_per_second
+    steady = wins[1:] or wins  # the first window is fed partly by the queue the workers filled at start-up
+    steady_ips = sum(w["to"] - w["from"] for w in steady) * batch / sum(
+        (w["to"] - w["from"]) * batch / w["img_per_s"] for w in steady) if steady else loop_ips
+    device = runner.device
+    res = {
+        "config": args.config, "overrides": overrides, "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda" else cpu_name(), "torch": torch.__version__, "source": list(args.size),
+        "images": args.images, "image_png_mb": png_mb, "crop": list(cfg.data.crop_size), "batch": batch,
+        "workers": cfg.data.workers,
+        "iterations": result.iterations, "windows": wins, "loop_img_per_s": loop_ips,
+        "loop_img_per_s_after_first_window": steady_ips, "first_step_s": result.warmup_seconds,
+        "step_median_s": step_s, "step_img_per_s": step_ips, "ratio": loop_ips / step_ips,
+        "ratio_after_first_window": steady_ips / step_ips,
+    }
+    print(f"\n{res['device']}: {cfg.name}, {args.size[0]}×{args.size[1]} PNG → {cfg.data.crop_size[0]}×"
+          f"{cfg.data.crop_size[1]}, batch {batch}, {cfg.data.workers} workers, {result.iterations} iterations")
+    for w in wins:
+        print(f"  iterations {w['from']:>5}-{w['to']:<5} {w['img_per_s']:8.1f} img/s")
+    print(f"loop {loop_ips:.1f} img/s overall, {steady_ips:.1f} after the first window; step benchmark "
+          f"{step_ips:.1f} img/s ({1000 * step_s:.1f} ms/step); loop/step {100 * res['ratio']:.1f} % "
+          f"({100 * res['ratio_after_first_window']:.1f} % after the first window)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

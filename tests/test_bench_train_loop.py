@@ -1,0 +1,38 @@
+"""benchmarks/train_loop.py at a CPU size: synthetic Cityscapes-layout PNGs, the distill config through the
+Trainer, windows, the step benchmark of the same runner, the ratio, the JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import train_loop  # noqa: E402
+
+
+def test_train_loop_benchmark_on_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config's pretrained/ files are not here: random weights
+    out = tmp_path / "loop.json"
+    rc = train_loop.main([
+        "--device", "cpu", "--data", str(tmp_path / "cs"), "--images", "4", "--size", "64", "128",
+        "--iterations", "3", "--window", "1", "--step-warmup", "1", "--step-iters", "2", "--out", str(out),
+        "--set", "data.crop_size=[32,64]", "--set", "train.batch_size=3", "--set", "data.workers=0",
+        "--set", "teacher.backbone=resnet18",  # a smaller teacher: the test's time, not the config's path
+    ])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "teacher.weights: pretrained/deeplabv3_resnet101_citys_best_model.pth not found; random weights" in text
+    assert "model.pretrained_base: pretrained/resnet18-imagenet.pth not found; random weights" in text
+    assert "loop/step" in text
+    res = json.loads(out.read_text())
+    assert res["iterations"] == 3 and res["batch"] == 3 and res["crop"] == [32, 64]
+    # the first step is untimed (the Trainer's warm-up), so the window ending there has no time: windows 1-2, 2-3
+    assert [(w["from"], w["to"]) for w in res["windows"]] == [(1, 2), (2, 3)]
+    assert all(w["img_per_s"] > 0 for w in res["windows"])
+    assert res["step_img_per_s"] > 0 and abs(res["ratio"] - res["loop_img_per_s"] / res["step_img_per_s"]) < 1e-9
+    # the generated tree is in the Cityscapes layout that the config's dataset reads
+    assert len(list((tmp_path / "cs" / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))) == 4
+    assert len(list((tmp_path / "cs" / "gtFine" / "train").rglob("*_gtFine_labelIds.png"))) == 4
