@@ -6,8 +6,6 @@ import argparse
 import shlex
 import sys
 
-from ..errors import ConfigError
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..studies.demo import PRESETS
@@ -27,7 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated methods (baseline is always included); known: {', '.join(METHODS)}")
     p.add_argument("--students", default=None,
                    help="comma-separated MODEL:BACKBONE students instead of the preset's, e.g. "
-                        "deeplabv3:resnet18,pspnet:resnet18")
+                        "deeplabv3:resnet18,segformer:mit_b0,upernet:resnet18 (models and backbones as 'cskd "
+                        "models' lists them; timm:<name> backbones too)")
+    p.add_argument("--teacher", default=None, metavar="MODEL:BACKBONE",
+                   help="the teacher instead of the preset's, e.g. segformer:mit_b4. A model whose backbone has a "
+                        "published optimiser (MobileViT, MiT: AdamW) trains with it, every other with the "
+                        "preset's SGD; the report lists each one's")
     p.add_argument("--seeds", type=int, default=1, help="seeds per student and method (the table shows mean ± std)")
     p.add_argument("--teacher-iterations", type=int, default=None)
     p.add_argument("--student-iterations", type=int, default=None)
@@ -47,17 +50,13 @@ def run(args: argparse.Namespace) -> int:
     from ..studies import demo
 
     preset = args.preset or ("paper" if args.device != "cpu" and torch.cuda.is_available() else "small")
-    students = None
-    if args.students:
-        try:
-            students = tuple(tuple(s.split(":", 1)) for s in args.students.split(","))
-        except ValueError:
-            raise ConfigError(f"--students {args.students!r}: expected MODEL:BACKBONE[,MODEL:BACKBONE...]") from None
+    students = demo.parse_pairs(args.students, "--students") if args.students is not None else None
+    teacher = demo.parse_pair(args.teacher, "--teacher") if args.teacher is not None else None
     plan = demo.plan(
         preset, out=args.out or f"runs/demo_{preset}", data_root=args.data_root,
         methods=tuple(m for m in args.methods.split(",") if m), seeds=args.seeds, device=args.device,
         teacher_iterations=args.teacher_iterations, student_iterations=args.student_iterations,
-        students=students, compile=args.compile,  # type: ignore[arg-type]
+        students=students, teacher=teacher, compile=args.compile,
     )
     command = "cskd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "cskd demo"
     demo.run(plan, progress=not args.no_progress, command=command)

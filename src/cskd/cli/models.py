@@ -15,9 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "models",
         help="list the registered backbones and heads with parameters and GFLOPs",
-        description="List every registered backbone (stage widths and strides, published head widths and aux "
-        "head, parameters and GFLOPs of the backbone alone) and every head; --pairs adds every backbone × head "
-        "segmentor. Models are built on the meta device (no memory, no weights). GFLOPs as in 'cskd info': "
+        description="List every registered backbone (stage widths and strides, published head widths, aux "
+        "head and optimiser, parameters and GFLOPs of the backbone alone) and every head; --pairs adds every "
+        "backbone × head segmentor. Models are built on the meta device (no memory, no weights). GFLOPs as in 'cskd info': "
         "torch.utils.flop_counter, batch 1, a multiply-add = 2 FLOPs, inference path.",
     )
     p.add_argument("--size", nargs=2, type=int, default=(512, 1024), metavar=("H", "W"), help="input size")
@@ -59,6 +59,7 @@ def collect(size: tuple[int, int], num_classes: int, pairs: bool, timm_names: li
             "strides": "/".join(map(str, body.reductions)),
             "head widths": ", ".join(f"{h} {head_width(h, name)}" for h in sorted(HEADS)),
             "aux": f"stage {d.aux_stage}" if d.aux else "no",
+            "optimiser": d.optimizer.describe() if d.optimizer else "the config's",
             "params (M)": round(count_parameters(body) / 1e6, 2),
             "GFLOPs": round(count_flops(body, shape) / 1e9, 1),
         })
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     h, w = data["input_size"]
     print(f"Backbones (alone, input 1×3×{h}×{w}):")
     print(_table(data["backbones"], ["backbone", "stage channels", "strides", "params (M)", "GFLOPs", "aux",
-                                     "head widths"]))
+                                     "optimiser", "head widths"]))
     print("\nHeads:")
     print(_table(data["heads"], ["head", "class", "default width", "needs stages", "output at", "aliases"]))
     if data["segmentors"]:

@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..evaluation.inference import resolve_amp
 from ..timing import time_calls
 from ..models import Segmentor, build_segmentor, model_info
-from ..models.segmentor import canonical_model_name
+from ..models.segmentor import canonical_model_name, display_name
 from .exporters import export_onnx, onnx_runner
 from .graph import inference_copy
 from .wrapper import GraphOptions, InferenceWrapper
@@ -234,9 +234,7 @@ def benchmark(
 
 
 def _model_label(r: LatencyResult) -> str:
-    names = {"deeplabv3": "DeepLabV3", "pspnet": "PSPNet"}
-    backbones = {"resnet18": "R18", "resnet101": "R101", "mobilenetv2": "MobileNetV2"}
-    return f"{names.get(r.model, r.model)}-{backbones.get(r.backbone, r.backbone)}"
+    return display_name(r.model, r.backbone)
 
 
 def to_markdown(results: Sequence[LatencyResult], env: dict[str, Any] | None = None) -> str:

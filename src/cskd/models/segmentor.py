@@ -10,7 +10,7 @@ from typing import Any, Callable, NamedTuple
 
 from torch import Tensor, nn
 
-from .backbones import backbone_defaults, build_backbone
+from .backbones import backbone_defaults, backbone_display_name, build_backbone
 from .heads import HEADS, FCNHead, canonical_head_name, get_head
 
 NormLayer = Callable[[int], nn.Module]
@@ -115,6 +115,18 @@ def canonical_model_name(model: str) -> str:
     return canonical_head_name(model)
 
 
+def display_name(model: str, backbone: str) -> str:
+    """The name reports print for a model / backbone pair, from the registries' ``display`` names:
+    ``("deeplabv3", "resnet18")`` → ``DeepLabV3-R18``, ``("segformer", "mit_b0")`` → ``SegFormer-MiT-B0``,
+    ``("deeplabv3", "timm:convnext_tiny")`` → ``DeepLabV3-timm:convnext_tiny``. Aliases print as their head
+    (``psp`` → ``PSPNet``); a name not registered prints as it is."""
+    try:
+        head = get_head(model).display_name
+    except ValueError:
+        head = model
+    return f"{head}-{backbone_display_name(backbone)}"
+
+
 def head_width(model: str, backbone: str) -> int:
     """The head width the published recipe uses for this pair (the backbone's default, else the head's)."""
     entry = get_head(model)
@@ -168,4 +180,4 @@ def build_from_spec(spec: ModelSpec | dict[str, Any], norm_layer: NormLayer = nn
 
 
 __all__ = ["MODELS", "ModelSpec", "SegOutput", "Segmentor", "build_from_spec", "build_segmentor",
-           "canonical_model_name", "head_width"]
+           "canonical_model_name", "display_name", "head_width"]

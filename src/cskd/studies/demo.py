@@ -9,6 +9,7 @@ included) and resumes an interrupted one.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,12 +27,90 @@ from .runs import (
 )
 
 Pair = tuple[str, str]
-SHORT = {"resnet18": "R18", "resnet50": "R50", "resnet101": "R101", "mobilenetv2": "MobileNetV2"}
+"""(model, backbone): a registered head and a registered backbone (or ``timm:<name>``)."""
 
 
 def pair_name(pair: Pair) -> str:
-    model = {"deeplabv3": "DeepLabV3", "pspnet": "PSPNet"}[pair[0]]
-    return f"{model}-{SHORT.get(pair[1], pair[1])}"
+    """The pair's name in reports and run folders, from the registries: ``DeepLabV3-R18``, ``SegFormer-MiT-B0``,
+    ``UperNet-R18``, ``DeepLabV3-MobileViT-XXS`` (:func:`cskd.models.segmentor.display_name`)."""
+    from ..models.segmentor import display_name
+
+    return display_name(*pair)
+
+
+def folder_name(pair: Pair) -> str:
+    """:func:`pair_name` with what a file name should not hold (``:`` of ``timm:<name>``, ``/``) as ``_``; the same
+    as the name for every registered pair, so report folders keep their names."""
+    return _safe(pair_name(pair))
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+
+def parse_pair(text: str, option: str = "--students") -> Pair:
+    """``MODEL:BACKBONE`` → (registered head name, backbone), checked against the registries; a ConfigError of one
+    line naming ``option`` and the value otherwise. ``timm:<name>`` backbones keep their own colon."""
+    from ..models.backbones import check_backbone_name
+    from ..models.segmentor import canonical_model_name
+
+    model, sep, backbone = text.strip().partition(":")
+    if not sep or not model or not backbone:
+        raise ConfigError(f"{option} {text!r}: expected MODEL:BACKBONE, e.g. deeplabv3:resnet18 or segformer:mit_b0")
+    try:
+        model = canonical_model_name(model)
+        check_backbone_name(backbone)
+    except ValueError as e:
+        raise ConfigError(f"{option} {text!r}: {e}") from None
+    return model, backbone
+
+
+def parse_pairs(text: str, option: str = "--students") -> tuple[Pair, ...]:
+    """Comma-separated :func:`parse_pair` values."""
+    items = [t for t in text.split(",") if t.strip()]
+    if not items:
+        raise ConfigError(f"{option} {text!r}: expected MODEL:BACKBONE[,MODEL:BACKBONE...]")
+    return tuple(parse_pair(t, option) for t in items)
+
+
+def describe(p: Preset) -> str:
+    """The preset's description with the pairs it trains (which ``--teacher`` / ``--students`` may have changed)."""
+    students = [pair_name(s) for s in p.students]
+    listed = ", ".join(students[:-1]) + " and " + students[-1] if len(students) > 1 else students[0]
+    return (f"{p.description}; a {pair_name(p.teacher)} teacher and the {listed} student"
+            + ("s" if len(students) > 1 else ""))
+
+
+def optimizer_overrides(backbone: str) -> dict[str, Any]:
+    """``train`` keys for the backbone's published optimiser (``BackboneDefaults.optimizer``: AdamW for MobileViT
+    and MiT), or none: the preset's SGD."""
+    from ..models.backbones import backbone_defaults
+
+    recipe = backbone_defaults(backbone).optimizer
+    if recipe is None:
+        return {}
+    return {"optimizer": recipe.optimizer, "lr": recipe.lr, "weight_decay": recipe.weight_decay}
+
+
+def describe_optimizer(cfg: ExperimentConfig, short: bool = False) -> str:
+    """E.g. ``AdamW lr 0.0009, weight decay 0.01 (none on norms, biases and position terms): mobilevit_xxs's
+    published recipe (CIRKD scripts/...)``; ``short``: ``AdamW lr 0.0009``."""
+    from ..models.backbones import backbone_defaults
+
+    t = cfg.train
+    name = {"sgd": "SGD", "adamw": "AdamW"}.get(t.optimizer, t.optimizer)
+    if short:
+        return f"{name} lr {t.lr:g}"
+    text = f"{name} lr {t.lr:g}" + (f", momentum {t.momentum:g}" if t.optimizer == "sgd" else "")
+    text += f", weight decay {t.weight_decay:g}"
+    split = t.no_decay_norm_bias if t.no_decay_norm_bias is not None else t.optimizer == "adamw"
+    if split:
+        text += " (none on norms, biases and position terms)"
+    recipe = backbone_defaults(cfg.model.backbone).optimizer
+    if recipe is not None and (recipe.optimizer, recipe.lr, recipe.weight_decay) == (t.optimizer, t.lr,
+                                                                                    t.weight_decay):
+        return text + f": {cfg.model.backbone}'s published recipe" + (f" ({recipe.source})" if recipe.source else "")
+    return text + ": the preset's"
 
 
 @dataclass(frozen=True)
@@ -49,6 +128,8 @@ class Preset:
     student_iterations: int
     batch_size: int
     lr: float
+    """SGD's, for every model whose backbone declares no optimiser of its own (``BackboneDefaults.optimizer``:
+    MobileViT and MiT train with their published AdamW recipe)."""
     val_every: int
     workers: int
     panels: int
@@ -59,8 +140,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "small": Preset(
         name="small",
-        description="a small preset for a 2-core CPU: 64×128 images, a DeepLabV3-R18 teacher and a "
-                    "DeepLabV3-MobileNetV2 student, a few hundred iterations from scratch",
+        description="a small preset for a 2-core CPU: 64×128 images, a few hundred iterations from scratch",
         # 64×128, teacher 300 / students 160 iterations (was 96×192, 300 / 240: 12.5 min on a 2-core CI machine) so
         # that the whole command stays within 5 minutes on 2 cores with CSKD clearly ahead (a 200-iteration teacher
         # gave +2.8 points only); measurements in docs/results-synthetic.md.
@@ -70,8 +150,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "paper": Preset(
         name="paper",
-        description="the published pairs at 256×512 on a GPU: a DeepLabV3-R101 teacher; DeepLabV3-R18, "
-                    "DeepLabV3-MobileNetV2 and PSPNet-R18 students, trained from scratch",
+        description="256×512 images on a GPU, trained from scratch (by default the published pairs)",
         image_size=(256, 512), n_train=2000, n_val=200, crop_size=(256, 512), scale_range=(0.5, 2.0),
         teacher=("deeplabv3", "resnet101"),
         students=(("deeplabv3", "resnet18"), ("deeplabv3", "mobilenetv2"), ("pspnet", "resnet18")),
@@ -129,10 +208,21 @@ def plan(
     student_iterations: int | None = None,
     students: tuple[Pair, ...] | None = None,
     compile: bool | None = None,
+    teacher: Pair | None = None,
 ) -> DemoPlan:
+    """The runs of one demo. ``students`` / ``teacher`` replace the preset's pairs ((model, backbone), e.g.
+    ``("segformer", "mit_b0")``); a model whose backbone has a published optimiser (``BackboneDefaults.optimizer``)
+    trains with it, every other with the preset's SGD."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     if students:
-        p = replace(p, students=tuple(students))
+        students = tuple(parse_pair(":".join(s), "--students") for s in students)
+        names = [pair_name(s) for s in students]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"--students lists {', '.join(twice)} more than once")
+        p = replace(p, students=students)
+    if teacher:
+        p = replace(p, teacher=parse_pair(":".join(teacher), "--teacher"))
     if teacher_iterations:
         p = replace(p, teacher_iterations=teacher_iterations)
     if student_iterations:
@@ -152,19 +242,22 @@ def plan(
     base = _base(p, data, device)
     tm, tb = p.teacher
     teacher_raw = {**base, "name": "teacher", "model": {"model": tm, "backbone": tb},
-                   "train": {**base["train"], "budget": {"iterations": p.teacher_iterations}, "seed": 0}}
+                   "train": {**base["train"], **optimizer_overrides(tb),
+                             "budget": {"iterations": p.teacher_iterations}, "seed": 0}}
     teacher = config_from_dict(teacher_raw, "demo teacher")
-    teacher = replace(teacher, output_dir=str(out / f"teacher_{pair_name(p.teacher)}_{teacher.digest()[:8]}"))
+    # The digest covers the whole config (model, optimiser, sizes): another teacher never reuses this folder.
+    teacher = replace(teacher, output_dir=str(out / f"teacher_{folder_name(p.teacher)}_{teacher.digest()[:8]}"))
     runs: dict[str, list[tuple[str, ExperimentConfig]]] = {}
     for sm, sb in p.students:
-        name = pair_name((sm, sb))
+        name, folder = pair_name((sm, sb)), folder_name((sm, sb))
         runs[name] = []
         for method in methods:
             for seed in range(seeds):
-                raw = {**base, "name": f"{name}_{method}_seed{seed}", "method": method,
-                       "output_dir": str(out / name / method / f"seed{seed}"),
+                raw = {**base, "name": f"{folder}_{method}_seed{seed}", "method": method,
+                       "output_dir": str(out / folder / method / f"seed{seed}"),
                        "model": {"model": sm, "backbone": sb},
-                       "train": {**base["train"], "budget": {"iterations": p.student_iterations}, "seed": seed}}
+                       "train": {**base["train"], **optimizer_overrides(sb),
+                                 "budget": {"iterations": p.student_iterations}, "seed": seed}}
                 if METHODS[method].is_distillation:
                     raw["teacher"] = {"model": tm, "backbone": tb, "weights": str(teacher.run_dir / "last.pt")}
                 runs[name].append((method, config_from_dict(raw, f"demo {name} {method}")))
@@ -176,8 +269,9 @@ def run(demo: DemoPlan, progress: bool = True, command: str = "cskd demo") -> Pa
     panels). Runs go one after another: side by side on one GPU they were no faster (docs/benchmarks.md)."""
     start = time.time()
     demo.out.mkdir(parents=True, exist_ok=True)
-    _say(f"cskd demo, preset '{demo.preset.name}': {demo.preset.description}")
-    _say(f"[1/3] teacher {pair_name(demo.preset.teacher)} ({demo.preset.teacher_iterations} iterations) "
+    _say(f"cskd demo, preset '{demo.preset.name}': {describe(demo.preset)}")
+    _say(f"[1/3] teacher {pair_name(demo.preset.teacher)} ({demo.preset.teacher_iterations} iterations, "
+         f"{describe_optimizer(demo.teacher, short=True)}) "
          f"→ {demo.teacher.run_dir}")
     teacher = run_one(demo.teacher, "teacher", progress)
     if not teacher.ok:
@@ -185,7 +279,8 @@ def run(demo: DemoPlan, progress: bool = True, command: str = "cskd demo") -> Pa
     todo = [(student, method, cfg) for student, cfgs in demo.students.items() for method, cfg in cfgs]
     records: dict[str, list[RunRecord]] = {student: [] for student in demo.students}
     for i, (student, method, cfg) in enumerate(todo, 1):
-        _say(f"[2/3] student {i}/{len(todo)}: {student}, {method}, seed {cfg.train.seed} → {cfg.run_dir}")
+        _say(f"[2/3] student {i}/{len(todo)}: {student} ({describe_optimizer(cfg, short=True)}), {method}, "
+             f"seed {cfg.train.seed} → {cfg.run_dir}")
         records[student].append(run_one(cfg, method, progress))
     _say("[3/3] report: predictions, curves, tables")
     report = write_report(demo, teacher, records, command, time.time() - start)
@@ -212,17 +307,21 @@ def write_report(
     lines = [
         f"# CSKD on synthetic street scenes — preset `{p.name}`",
         "",
-        f"**{'This is a small preset' if p.name != 'paper' else 'Preset'}: {p.description}.** "
+        f"**{'This is a small preset' if p.name != 'paper' else 'Preset'}: {describe(p)}.** "
         "Numbers from such short from-scratch runs on synthetic data show the mechanics and relative effects, not "
         "the published Cityscapes results.",
         "",
         f"Command: `{command}`  ",
         "Environment: " + ", ".join(f"{k} {v}" for k, v in environment().items()) + "  ",
         f"Data: {p.n_train} train / {p.n_val} val synthetic images at {p.image_size[0]}×{p.image_size[1]} "
-        f"(`{demo.data_root}`), crops {p.crop_size[0]}×{p.crop_size[1]}, batch {p.batch_size}, lr {p.lr} (poly), "
+        f"(`{demo.data_root}`), crops {p.crop_size[0]}×{p.crop_size[1]}, batch {p.batch_size}, "
         f"teacher {p.teacher_iterations} and students {p.student_iterations} iterations, {demo.seeds} seed(s), "
         f"torch.compile {_compile_text(p.compile)}.  ",
         f"Wall time of this command: {seconds / 60:.1f} min (runs found finished were not retrained).",
+        "",
+        "Optimisers (poly learning-rate decay, power 0.9; every method of a network uses its network's):",
+        "",
+        *_optimizer_lines(demo),
         "",
         "## Validation mIoU",
         "",
@@ -234,7 +333,10 @@ def write_report(
     rows = [[pair_name(p.teacher) + " (teacher)", "—", fmt_pct(teacher.miou or math.nan), "—",
              f"{teacher.train_seconds:.0f}", f"{teacher.images_per_second:.1f}"]]
     summary: dict[str, Any] = {"preset": asdict(p), "command": command, "environment": environment(),
-                               "teacher": _record_json(teacher), "students": {}}
+                               "teacher": _record_json(teacher), "students": {},
+                               "optimizers": {"teacher": _optimizer_json(demo.teacher),
+                                              **{name: _optimizer_json(cfgs[0][1])
+                                                 for name, cfgs in demo.students.items() if cfgs}}}
     for student, recs in records.items():
         by_method = group_records(recs)
         base = [r.miou for r in by_method.get("baseline", []) if r.ok and r.miou is not None]
@@ -268,13 +370,14 @@ def write_report(
     lines += ["## Training curves", ""]
     for student, recs in records.items():
         groups = {"teacher": [teacher], **group_records(recs)}
-        png = plot_curves(groups, out / f"curves_{student}.png", title=f"{student} (teacher: {pair_name(p.teacher)})")
+        png = plot_curves(groups, out / f"curves_{_safe(student)}.png",
+                          title=f"{student} (teacher: {pair_name(p.teacher)})")
         lines += [f"![{student}]({png.name})", ""]
 
     lines += ["## Predictions on validation images", "",
               "Each row: image | ground truth | teacher | each student method (seed 0).", ""]
     for student, recs in records.items():
-        png = _panels(demo, teacher, [r for r in recs if r.seed == 0 and r.ok], out / f"panels_{student}.png")
+        png = _panels(demo, teacher, [r for r in recs if r.seed == 0 and r.ok], out / f"panels_{_safe(student)}.png")
         if png is not None:
             lines += [f"![{student}]({png.name})", ""]
     failed = [r for rs in records.values() for r in rs if not r.ok]
@@ -284,6 +387,18 @@ def write_report(
     report.write_text("\n".join(lines))
     (out / "results.json").write_text(dumps(summary, indent=2))
     return report
+
+
+def _optimizer_lines(demo: DemoPlan) -> list[str]:
+    lines = [f"- {pair_name(demo.preset.teacher)} (teacher): {describe_optimizer(demo.teacher)}"]
+    lines += [f"- {name}: {describe_optimizer(cfgs[0][1])}" for name, cfgs in demo.students.items() if cfgs]
+    return lines
+
+
+def _optimizer_json(cfg: ExperimentConfig) -> dict[str, Any]:
+    t = cfg.train
+    return {"optimizer": t.optimizer, "lr": t.lr, "weight_decay": t.weight_decay,
+            "no_decay_norm_bias": t.no_decay_norm_bias, "text": describe_optimizer(cfg)}
 
 
 def _record_json(r: RunRecord) -> dict[str, Any]:
@@ -334,4 +449,5 @@ def _panels(demo: DemoPlan, teacher: RunRecord, students: list[RunRecord], path:
     return path
 
 
-__all__ = ["DemoPlan", "PRESETS", "Preset", "pair_name", "plan", "run", "write_report"]
+__all__ = ["DemoPlan", "PRESETS", "Preset", "describe", "describe_optimizer", "folder_name", "optimizer_overrides",
+           "pair_name", "parse_pair", "parse_pairs", "plan", "run", "write_report"]

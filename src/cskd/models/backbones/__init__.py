@@ -11,7 +11,9 @@ from ._registry import (
     TIMM_PREFIX,
     BackboneDefaults,
     BackboneEntry,
+    OptimizerRecipe,
     backbone_defaults,
+    backbone_display_name,
     backbone_names,
     build_backbone,
     check_backbone_name,
@@ -26,7 +28,8 @@ from .resnet import ResNetV1s, resnet18_v1s, resnet50_v1s, resnet101_v1s
 Backbone = ResNetV1s | MobileNetV2OS8 | MobileNetV3OS8 | MixVisionTransformer | MobileViT
 
 __all__ = ["BACKBONES", "TIMM_PREFIX", "Backbone", "BackboneDefaults", "BackboneEntry", "MixVisionTransformer",
-           "MobileNetV2OS8", "MobileNetV3OS8", "MobileViT", "ResNetV1s", "backbone_defaults", "backbone_names",
+           "MobileNetV2OS8", "MobileNetV3OS8", "MobileViT", "OptimizerRecipe", "ResNetV1s", "backbone_defaults",
+           "backbone_display_name", "backbone_names",
            "build_backbone", "check_backbone_name", "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5",
            "mobilenetv2_os8", "mobilenetv3_large", "mobilenetv3_small", "mobilevit_xxs", "register_backbone",
            "resnet18_v1s", "resnet50_v1s", "resnet101_v1s"]

@@ -4,8 +4,12 @@ A backbone is an ``nn.Module`` whose ``forward(x)`` returns its stage maps, shal
 ``out_channels`` and ``reductions`` (each stage's stride with respect to the input) and ``output_stride``
 (``reductions[-1]``). Registering one is a decorator on its class or builder::
 
-    @register_backbone("mobilenetv3_large", defaults=BackboneDefaults(head_channels={"deeplabv3": 128}))
+    @register_backbone("mobilenetv3_large", defaults=BackboneDefaults(head_channels={"deeplabv3": 128}),
+                       display="MobileNetV3-Large")
     class MobileNetV3Large(nn.Module): ...
+
+``display`` is the short name reports print (``R18``, ``MiT-B0``); :func:`backbone_display_name` gives it (a timm
+backbone prints as ``timm:<name>``).
 
 The builder is called as ``builder(norm_layer=..., pretrained=path_or_None)`` if it takes ``pretrained`` (it
 then loads that file itself, e.g. converting another layout), else as ``builder(norm_layer=...)`` and
@@ -30,6 +34,29 @@ TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
+class OptimizerRecipe:
+    """The optimiser a backbone's published training script uses (what ``train.optimizer``, ``train.lr`` and
+    ``train.weight_decay`` then hold). AdamW leaves norms, biases and position terms undecayed
+    (``train.no_decay_norm_bias`` null, :mod:`cskd.engine.optim`)."""
+
+    optimizer: str
+    """``sgd`` or ``adamw``."""
+    lr: float
+    weight_decay: float
+    source: str = ""
+    """Where the values come from (a published script)."""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer {self.optimizer!r}: choose one of ['adamw', 'sgd']")
+
+    def describe(self) -> str:
+        """E.g. ``AdamW lr 0.0009, weight decay 0.01``."""
+        name = {"sgd": "SGD", "adamw": "AdamW"}[self.optimizer]
+        return f"{name} lr {self.lr:g}, weight decay {self.weight_decay:g}"
+
+
+@dataclass(frozen=True)
 class BackboneDefaults:
     """What the published recipe of a backbone uses."""
 
@@ -42,6 +69,10 @@ class BackboneDefaults:
     """The stage (index into the stage list) that the auxiliary head reads."""
     family: str = ""
     """A label grouping backbones that share a module tree (``resnet``, ``mobilenetv3``...), for messages."""
+    optimizer: OptimizerRecipe | None = None
+    """The published recipe's optimiser where it is not the CNN recipe's SGD (MobileViT and MiT: AdamW); None: the
+    config's own ``train.optimizer`` (SGD by default). ``cskd demo`` trains with it; a config for ``cskd train`` /
+    ``cskd distill`` spells it out (configs/cityscapes/*-mvitxxs.yaml, *_segformer-*.yaml)."""
 
 
 @dataclass(frozen=True)
@@ -49,18 +80,22 @@ class BackboneEntry:
     name: str
     builder: Callable[..., nn.Module]
     defaults: BackboneDefaults
+    display: str = ""
+    """The short name reports print (``R18``, ``MobileNetV3-Large``, ``MiT-B0``); empty: the registered name."""
 
 
 BACKBONES: dict[str, BackboneEntry] = {}
 
 
-def register_backbone(name: str, defaults: BackboneDefaults | None = None) -> Callable[[Any], Any]:
-    """Class / builder decorator: register ``name``. A name may be registered once."""
+def register_backbone(
+    name: str, defaults: BackboneDefaults | None = None, display: str = ""
+) -> Callable[[Any], Any]:
+    """Class / builder decorator: register ``name`` (printed as ``display``). A name may be registered once."""
 
     def deco(builder: Any) -> Any:
         if name in BACKBONES:
             raise ValueError(f"backbone {name!r} is already registered (by {BACKBONES[name].builder.__qualname__})")
-        BACKBONES[name] = BackboneEntry(name, builder, defaults or BackboneDefaults())
+        BACKBONES[name] = BackboneEntry(name, builder, defaults or BackboneDefaults(), display)
         return builder
 
     return deco
@@ -94,6 +129,13 @@ def backbone_defaults(name: str) -> BackboneDefaults:
         raise ValueError(unknown_backbone_message(name)) from None
 
 
+def backbone_display_name(name: str) -> str:
+    """The short name reports print for backbone ``name`` (``resnet18`` → ``R18``); a ``timm:<name>`` backbone and
+    a name not registered (e.g. read from an old record) print as they are."""
+    entry = BACKBONES.get(name)
+    return (entry.display or entry.name) if entry is not None else name
+
+
 def check_backbone_name(name: str) -> None:
     """Raise ValueError (naming the value and the choices) if ``name`` cannot be built."""
     backbone_defaults(name)
@@ -125,5 +167,6 @@ def build_backbone(
     return body
 
 
-__all__ = ["BACKBONES", "TIMM_PREFIX", "BackboneDefaults", "BackboneEntry", "backbone_defaults", "backbone_names",
-           "build_backbone", "check_backbone_name", "register_backbone", "unknown_backbone_message"]
+__all__ = ["BACKBONES", "TIMM_PREFIX", "BackboneDefaults", "BackboneEntry", "OptimizerRecipe", "backbone_defaults",
+           "backbone_display_name", "backbone_names", "build_backbone", "check_backbone_name", "register_backbone",
+           "unknown_backbone_message"]

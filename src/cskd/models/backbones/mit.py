@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._registry import BackboneDefaults, register_backbone
+from ._registry import BackboneDefaults, OptimizerRecipe, register_backbone
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -38,11 +38,19 @@ _VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 }
 
 
+# The published SegFormer student recipe: AdamW, lr 2e-4 and the trainer's default weight decay 1e-4 (CIRKD
+# scripts/train_cirkdv2/cityscapes/segformer_b0.sh; configs/cityscapes/cskd_segformer-mitb4_segformer-mitb0.yaml).
+# It is the one published MiT training script, so every MiT variant gets it.
+_MIT_OPTIMIZER = OptimizerRecipe("adamw", lr=2e-4, weight_decay=1e-4,
+                                 source="CIRKD scripts/train_cirkdv2/cityscapes/segformer_b0.sh")
+
+
 def _defaults(name: str) -> BackboneDefaults:
     """Published defaults as CIRKDV2's SegFormer uses them: an all-MLP decoder 256 wide on B0/B1 and 768 wide on
-    B2-B5, no auxiliary head. No DeepLabV3/PSPNet head is published on MiT: those use the heads' own widths."""
+    B2-B5, no auxiliary head, AdamW. No DeepLabV3/PSPNet head is published on MiT: those use the heads' own
+    widths."""
     return BackboneDefaults(head_channels={"segformer": 256 if name in ("mit_b0", "mit_b1") else 768}, aux=False,
-                            family="mit")
+                            family="mit", optimizer=_MIT_OPTIMIZER)
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
@@ -261,7 +269,7 @@ def load_mit_imagenet(model: MixVisionTransformer, path: str | Path | Mapping[st
 def _factory(name: str) -> Callable[..., MixVisionTransformer]:
     dims, depths = _VARIANTS[name]
 
-    @register_backbone(name, defaults=_defaults(name))
+    @register_backbone(name, defaults=_defaults(name), display="MiT-" + name[len("mit_"):].upper())
     def build(
         norm_layer: NormLayer | None = None,
         pretrained: str | Path | Mapping[str, Tensor] | None = None,

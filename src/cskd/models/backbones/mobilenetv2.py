@@ -94,7 +94,7 @@ class MobileNetV2OS8(nn.Module):
         return outs
 
 
-@register_backbone("mobilenetv2", defaults=BackboneDefaults(
+@register_backbone("mobilenetv2", display="MobileNetV2", defaults=BackboneDefaults(
     head_channels={"deeplabv3": 128, "pspnet": 128, "upernet": 128, "fcn": 128}, aux=False, family="mobilenetv2"))
 def mobilenetv2_os8(norm_layer: NormLayer = nn.BatchNorm2d) -> MobileNetV2OS8:
     return MobileNetV2OS8(norm_layer)

@@ -163,12 +163,12 @@ _DEFAULTS = BackboneDefaults(head_channels={"deeplabv3": 128, "pspnet": 128, "up
                              aux=False, family="mobilenetv3")
 
 
-@register_backbone("mobilenetv3_small", defaults=_DEFAULTS)
+@register_backbone("mobilenetv3_small", defaults=_DEFAULTS, display="MobileNetV3-Small")
 def mobilenetv3_small(norm_layer: NormLayer = nn.BatchNorm2d) -> MobileNetV3OS8:
     return MobileNetV3OS8("small", norm_layer)
 
 
-@register_backbone("mobilenetv3_large", defaults=_DEFAULTS)
+@register_backbone("mobilenetv3_large", defaults=_DEFAULTS, display="MobileNetV3-Large")
 def mobilenetv3_large(norm_layer: NormLayer = nn.BatchNorm2d) -> MobileNetV3OS8:
     return MobileNetV3OS8("large", norm_layer)
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._registry import BackboneDefaults, register_backbone
+from ._registry import BackboneDefaults, OptimizerRecipe, register_backbone
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -257,9 +257,13 @@ def load_mobilevit_imagenet(model: MobileViT, path: str | Path | Mapping[str, Te
     model.load_state_dict(state)
 
 
-# Published defaults as CIRKDV2 uses them: DeepLabV3 and PSPNet heads 128 wide, no auxiliary head.
-@register_backbone("mobilevit_xxs", defaults=BackboneDefaults(
-    head_channels={"deeplabv3": 128, "pspnet": 128}, aux=False, family="mobilevit"))
+# Published defaults as CIRKDV2 uses them: DeepLabV3 and PSPNet heads 128 wide, no auxiliary head, and AdamW with
+# lr 9e-4 and weight decay 0.01 (CIRKD scripts/train_cirkdv2/cityscapes/deeplabv3_mobilevit_xxs.sh and
+# pspnet_mobilevit_xxs.sh; configs/cityscapes/cskd_deeplabv3-r101_*-mvitxxs.yaml).
+@register_backbone("mobilevit_xxs", display="MobileViT-XXS", defaults=BackboneDefaults(
+    head_channels={"deeplabv3": 128, "pspnet": 128}, aux=False, family="mobilevit",
+    optimizer=OptimizerRecipe("adamw", lr=9e-4, weight_decay=0.01,
+                              source="CIRKD scripts/train_cirkdv2/cityscapes/deeplabv3_mobilevit_xxs.sh")))
 def mobilevit_xxs(
     norm_layer: NormLayer = nn.BatchNorm2d, pretrained: str | Path | Mapping[str, Tensor] | None = None
 ) -> MobileViT:

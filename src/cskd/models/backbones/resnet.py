@@ -174,17 +174,17 @@ _LARGE = BackboneDefaults(head_channels={"deeplabv3": 256, "pspnet": 512, "upern
                           aux=True, aux_stage=-2, family="resnet")
 
 
-@register_backbone("resnet18", defaults=_SMALL)
+@register_backbone("resnet18", display="R18", defaults=_SMALL)
 def resnet18_v1s(norm_layer: NormLayer = nn.BatchNorm2d) -> ResNetV1s:
     return ResNetV1s(BasicBlock, (2, 2, 2, 2), norm_layer)
 
 
-@register_backbone("resnet50", defaults=_LARGE)
+@register_backbone("resnet50", display="R50", defaults=_LARGE)
 def resnet50_v1s(norm_layer: NormLayer = nn.BatchNorm2d) -> ResNetV1s:
     return ResNetV1s(Bottleneck, (3, 4, 6, 3), norm_layer)
 
 
-@register_backbone("resnet101", defaults=_LARGE)
+@register_backbone("resnet101", display="R101", defaults=_LARGE)
 def resnet101_v1s(norm_layer: NormLayer = nn.BatchNorm2d) -> ResNetV1s:
     return ResNetV1s(Bottleneck, (3, 4, 23, 3), norm_layer)
 

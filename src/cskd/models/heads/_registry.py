@@ -5,8 +5,11 @@ stage maps (shallow to deep) and returns ``(logits, features)``, ``features`` be
 
 Registering one is a decorator::
 
-    @register_head("deeplabv3", default_channels=256)
+    @register_head("deeplabv3", default_channels=256, display="DeepLabV3")
     class DeepLabV3Head(nn.Module): ...
+
+``display`` is the name reports print (``DeepLabV3``); with a backbone's (see
+:func:`cskd.models.segmentor.display_name`) it names a pair, e.g. ``DeepLabV3-R18``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ class HeadEntry:
     stride_factor: int
     """Extra down-sampling after that stage (UperNet's strided fusion conv: 2)."""
     aliases: tuple[str, ...]
+    display: str = ""
+    """The name reports and tables print (``DeepLabV3``, ``UperNet``); empty: the registered name."""
+
+    @property
+    def display_name(self) -> str:
+        return self.display or self.name
 
     def output_stride(self, reductions: Sequence[int]) -> int:
         """The stride of the head's maps w.r.t. the input, for a backbone with these stage reductions."""
@@ -50,11 +59,13 @@ def register_head(
     output_stage: int = -1,
     stride_factor: int = 1,
     aliases: Sequence[str] = (),
+    display: str = "",
 ) -> Callable[[Any], Any]:
     def deco(cls: Any) -> Any:
         if name in HEADS:
             raise ValueError(f"head {name!r} is already registered")
-        HEADS[name] = HeadEntry(name, cls, default_channels, min_stages, output_stage, stride_factor, tuple(aliases))
+        HEADS[name] = HeadEntry(name, cls, default_channels, min_stages, output_stage, stride_factor,
+                                tuple(aliases), display)
         for a in (name, *aliases):
             _ALIASES[a] = name
         return cls

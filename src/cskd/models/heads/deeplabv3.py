@@ -10,7 +10,7 @@ from ._common import ASPP, NormLayer, conv_bn_relu
 from ._registry import register_head
 
 
-@register_head("deeplabv3", default_channels=256, aliases=("deeplab",))
+@register_head("deeplabv3", default_channels=256, aliases=("deeplab",), display="DeepLabV3")
 class DeepLabV3Head(nn.Module):
     """ASPP (rates 12/24/36 + image pooling) → 3×3 conv-BN-ReLU-Dropout (→ ``features``) → 1×1 classifier."""
 

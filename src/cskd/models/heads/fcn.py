@@ -10,7 +10,7 @@ from ._common import NormLayer, conv_bn_relu
 from ._registry import register_head
 
 
-@register_head("fcn", default_channels=256)
+@register_head("fcn", default_channels=256, display="FCN")
 class FCNSegHead(nn.Module):
     """3×3 conv-BN-ReLU-Dropout on the deepest stage (→ ``features``) → 1×1 classifier."""
 

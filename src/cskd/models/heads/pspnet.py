@@ -10,7 +10,7 @@ from ._common import NormLayer, PyramidPooling, conv_bn_relu
 from ._registry import register_head
 
 
-@register_head("pspnet", default_channels=512, aliases=("psp",))
+@register_head("pspnet", default_channels=512, aliases=("psp",), display="PSPNet")
 class PSPHead(nn.Module):
     """Pyramid pooling → 3×3 conv-BN-ReLU-Dropout (→ ``features``) → 1×1 classifier."""
 

@@ -34,7 +34,7 @@ class LinearProjection(nn.Module):
         return y.transpose(1, 2).reshape(b, -1, h, w)
 
 
-@register_head("segformer", default_channels=256, min_stages=1, output_stage=0)
+@register_head("segformer", default_channels=256, min_stages=1, output_stage=0, display="SegFormer")
 class SegFormerHead(nn.Module):
     """All-MLP head on every stage; ``forward(stages)`` → ``(logits, features)``, both at the first stage's size
     (1/4 of the input on MiT)."""

@@ -24,7 +24,7 @@ def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-@register_head("upernet", default_channels=512, min_stages=2, output_stage=0, stride_factor=2)
+@register_head("upernet", default_channels=512, min_stages=2, output_stage=0, stride_factor=2, display="UperNet")
 class UperNetHead(nn.Module):
     """PPM (bins 1/2/3/6) → FPN over all stages → concat → strided 3×3 (→ ``features``) → 1×1 classifier."""
 
