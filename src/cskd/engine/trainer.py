@@ -455,6 +455,10 @@ class Trainer:
         assert self.total_iterations is not None
         recorder = RunRecorder(self.run_dir, self.env.is_main, self.total_iterations, self.iteration, self.progress)
         recorder.message(self._banner())
+        cache = self.runner.compile_cache
+        if cache is not None:
+            state = "pre-loaded from artifacts.bin" if cache.loaded else "no artifacts.bin yet"
+            recorder.message(f"compile cache: {cache.folder} (key {cache.key}; {state})")
         if self.runner.teacher is not None and cfg.teacher is not None and not cfg.teacher.weights:
             recorder.message("warning: the teacher has random weights (teacher.weights is not set)")
         if self._step_seconds is not None and self.iteration == 0:
@@ -474,6 +478,7 @@ class Trainer:
         self.step_module.train()
         tally = StepTally(self.device)
         first = self.iteration
+        self._cache_saved_after_val = False
         window_start = time.perf_counter()
         while self.iteration < total:
             loss, terms = self.runner.step(*self.runner.prepare(next(batches)))
@@ -492,6 +497,9 @@ class Trainer:
             self._log_interval(recorder, tally)
             if at_val:
                 self._validate(recorder)
+                if not self._cache_saved_after_val:  # the evaluation graphs too, where compiled
+                    self._cache_saved_after_val = True
+                    self._save_compile_cache()
             if at_save:
                 self.save("last.pt")
             window_start = time.perf_counter()
@@ -502,7 +510,18 @@ class Trainer:
         self.runner.sync()
         self.warmup_seconds += time.perf_counter() - started
         self.warmup_steps += 1
+        self._save_compile_cache()
         return time.perf_counter()
+
+    def _save_compile_cache(self) -> None:
+        """Rank 0 writes the mega-cache of what was compiled so far (every rank compiled the same graphs); the time
+        goes to the checkpoint I/O, not the training time."""
+        cache = self.runner.compile_cache
+        if cache is None or not self.env.is_main:
+            return
+        start = time.perf_counter()
+        cache.save()
+        self.checkpoint_seconds += time.perf_counter() - start
 
     def _log_interval(self, recorder: RunRecorder, tally: StepTally) -> None:
         """Stop at a non-finite loss; else record the means since the last sync point."""
@@ -551,6 +570,7 @@ class Trainer:
             "warmup_seconds": result.warmup_seconds,
             "checkpoint_seconds": result.checkpoint_seconds, "images_per_second": result.images_per_second,
             "best_miou": result.best_miou, "best_iteration": result.best_iteration,
+            "compile_cache": str(self.runner.compile_cache.folder) if self.runner.compile_cache else None,
         })
         if self.last_metrics is not None:
             self.last_metrics.save(self.run_dir, stem="metrics", class_names=self.dataset_info.class_names)
