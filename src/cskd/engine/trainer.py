@@ -95,6 +95,13 @@ class TrainResult:
     eval_seconds: float
     warmup_seconds: float
     """The first step of each process start (compilation, cuDNN autotuning), kept out of ``train_seconds``."""
+    startup_seconds: float | None
+    """This process: from the start of ``Trainer(...)`` to the end of its first training step (data and model
+    set-up, a time budget's calibration, compilation and the first step itself); None if it took no step."""
+    first_val_seconds: float | None
+    """This process's first validation, wall time (its loader's start, decoding, inference, metric)."""
+    first_val_first_batch_seconds: float | None
+    """Of which its first batch (where an evaluation graph compiles and cuDNN autotunes for the new size)."""
     checkpoint_seconds: float
     best_miou: float | None
     best_iteration: int | None
@@ -130,6 +137,7 @@ class Trainer:
         overwrite: bool = False,
     ) -> None:
         self.cfg = cfg
+        self._started = time.perf_counter()  # start-up is timed from here (see TrainResult.startup_seconds)
         self.env = env or init_distributed(cfg.train.device)
         self.device = self.env.device
         self.run_dir = cfg.run_dir
@@ -185,6 +193,9 @@ class Trainer:
         self.warmup_steps = 0
         self.eval_seconds = 0.0
         self.checkpoint_seconds = 0.0
+        self.startup_seconds: float | None = None
+        self.first_val: dict[str, float] | None = None
+        self.last_val_timing: dict[str, float] = {}
         self.best_miou: float | None = None
         self.best_iteration: int | None = None
         self.last_metrics: SegMetrics | None = None
@@ -412,18 +423,25 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> SegMetrics:
+        """Score the student on the validation split; its timings (seconds, first batch, img/s after the first
+        batch) are kept in ``last_val_timing`` and, for the first validation of the process, ``first_val``."""
         from ..evaluation import evaluate
 
         eval_cfg = self.cfg.eval
         start = time.perf_counter()
         self.runner.sync_buffers()
+        timing: dict[str, float] = {}
         metrics = evaluate(
             self.student, self._val_loader(), num_classes=self.num_classes, device=self.device,
             mode=eval_cfg.mode, crop_size=eval_cfg.crop_size, stride=eval_cfg.stride, scales=eval_cfg.scales,
             flip=eval_cfg.flip,
-            amp_dtype=self.amp_dtype, progress=False,
+            amp_dtype=self.amp_dtype, progress=False, timing=timing,
         )
-        self.eval_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.eval_seconds += seconds
+        self.last_val_timing = {**timing, "seconds": seconds}  # the loader's start-up included
+        if self.first_val is None:
+            self.first_val = self.last_val_timing
         return metrics
 
     # ------------------------------------------------------------------------------------------------ the loop
@@ -510,6 +528,8 @@ class Trainer:
         self.runner.sync()
         self.warmup_seconds += time.perf_counter() - started
         self.warmup_steps += 1
+        if self.startup_seconds is None:
+            self.startup_seconds = time.perf_counter() - self._started
         self._save_compile_cache()
         return time.perf_counter()
 
@@ -540,8 +560,11 @@ class Trainer:
         it = self.iteration
         metrics = self.evaluate()
         miou = metrics.miou
+        timing = self.last_val_timing
         recorder.write("val", it, {"miou": miou, "pixel_acc": metrics.pixel_acc, "mean_acc": metrics.mean_acc,
-                                   "train_seconds": self.train_seconds})
+                                   "train_seconds": self.train_seconds, "seconds": timing["seconds"],
+                                   "first_batch_seconds": timing.get("first_batch_seconds"),
+                                   "images_per_second": timing.get("images_per_second")})
         recorder.message(f"iteration {it}/{self.total_iterations}: val mIoU {100 * miou:.2f}%")
         self.last_metrics = metrics
         if self.best_miou is None or miou > self.best_miou:
@@ -554,7 +577,9 @@ class Trainer:
         return TrainResult(
             run_dir=self.run_dir, iterations=self.iteration, train_seconds=self.train_seconds,
             planned_seconds=self.planned_seconds, step_seconds=self._step_seconds, eval_seconds=self.eval_seconds,
-            warmup_seconds=self.warmup_seconds,
+            warmup_seconds=self.warmup_seconds, startup_seconds=self.startup_seconds,
+            first_val_seconds=self.first_val["seconds"] if self.first_val else None,
+            first_val_first_batch_seconds=self.first_val.get("first_batch_seconds") if self.first_val else None,
             checkpoint_seconds=self.checkpoint_seconds, best_miou=self.best_miou, best_iteration=self.best_iteration,
             final_metrics=metrics.to_dict() if metrics is not None else None,
             images_per_second=((self.iteration - self.warmup_steps) * self.cfg.train.batch_size / self.train_seconds)
@@ -567,7 +592,10 @@ class Trainer:
         recorder.write_summary(self.iteration, {
             "iterations": result.iterations, "train_seconds": result.train_seconds,
             "planned_seconds": result.planned_seconds, "eval_seconds": result.eval_seconds,
-            "warmup_seconds": result.warmup_seconds,
+            "warmup_seconds": result.warmup_seconds, "startup_seconds": result.startup_seconds,
+            "startup_from": "Trainer start to the end of the first training step of this process",
+            "first_val_seconds": result.first_val_seconds,
+            "first_val_first_batch_seconds": result.first_val_first_batch_seconds,
             "checkpoint_seconds": result.checkpoint_seconds, "images_per_second": result.images_per_second,
             "best_miou": result.best_miou, "best_iteration": result.best_iteration,
             "compile_cache": str(self.runner.compile_cache.folder) if self.runner.compile_cache else None,
@@ -576,9 +604,13 @@ class Trainer:
             self.last_metrics.save(self.run_dir, stem="metrics", class_names=self.dataset_info.class_names)
         best = f"best val mIoU {100 * self.best_miou:.2f}% at iteration {self.best_iteration}" \
             if self.best_miou is not None else "no validation"
+        startup = f"; start-up {result.startup_seconds:.1f} s (Trainer start → first step done)" \
+            if result.startup_seconds is not None else ""
+        first_val = f"; first validation {result.first_val_seconds:.1f} s (first batch " \
+            f"{result.first_val_first_batch_seconds or 0.0:.1f} s)" if result.first_val_seconds is not None else ""
         print(f"done: {self.iteration} iterations, {self.train_seconds:.1f} s of training "
-              f"({result.images_per_second:.1f} img/s; first step {self.warmup_seconds:.1f} s, not counted), "
-              f"{best}; checkpoints in {self.run_dir}", flush=True)
+              f"({result.images_per_second:.1f} img/s; first step {self.warmup_seconds:.1f} s, not counted"
+              f"{startup}{first_val}), {best}; checkpoints in {self.run_dir}", flush=True)
 
     def _kept(self, path: Path | None = None) -> str:
         last = self.run_dir / "last.pt"
