@@ -184,6 +184,10 @@ class EvalConfig:
     batch_size: int = 1
     max_images: int | None = None
     """Evaluate on the first N images of the split only (quick checks; the report says so)."""
+    compile: bool = False
+    """Validate with the compiled student (when train.compile is on). Off: eagerly, because the full-size images
+    and eval mode would compile a second, dynamic-shape graph at the first validation (tens of seconds cold) for
+    a pass that runs a few times per run."""
 
 
 @dataclass(frozen=True)
