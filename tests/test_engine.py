@@ -97,6 +97,26 @@ def test_checkpoint_holds_everything_for_a_resume(synth_root: Path, tmp_path: Pa
         assert (tmp_path / "run" / f"metrics.{ext}").exists()
 
 
+def test_summary_reports_startup_and_first_validation_seconds(synth_root: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.perf_counter()
+    result = Trainer(config_from_dict(tiny_config(synth_root, tmp_path / "run")), progress=False).fit()
+    wall = time.perf_counter() - started
+    # start-up (Trainer start → first step done) holds the first step; the first validation holds its first batch
+    assert result.startup_seconds is not None and result.warmup_seconds <= result.startup_seconds < wall
+    assert result.first_val_seconds is not None and result.first_val_first_batch_seconds is not None
+    assert 0 < result.first_val_first_batch_seconds <= result.first_val_seconds <= result.eval_seconds < wall
+    summary = read_records(tmp_path / "run" / "log.jsonl", "summary")[-1]
+    for key in ("startup_seconds", "first_val_seconds", "first_val_first_batch_seconds", "warmup_seconds"):
+        assert summary[key] == pytest.approx(getattr(result, key)), key
+    assert "first training step" in summary["startup_from"] and summary["compile_cache"] is None  # eager on the CPU
+    val = read_records(tmp_path / "run" / "log.jsonl", "val")[-1]
+    assert val["seconds"] > 0 and val["first_batch_seconds"] > 0
+    assert val["images_per_second"] > 0  # 2 images, batch 1: one batch after the first
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done:")]
+    assert done and "start-up" in done[0] and "first validation" in done[0]
+
+
 def test_existing_run_is_not_overwritten(synth_root: Path, tmp_path: Path) -> None:
     cfg = config_from_dict(tiny_config(synth_root, tmp_path / "run", None))
     Trainer(cfg, progress=False).fit()

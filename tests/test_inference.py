@@ -318,3 +318,14 @@ def test_inference_benchmark_runs_on_cpu(tmp_path, capsys) -> None:
     assert [(r["mode"], r["crop"]) for r in rows] == [("whole", None), ("slide", [16, 32])]
     assert all(r["median_ms"] > 0 for r in rows)
     assert "| deeplabv3-mobilenetv2 | slide 16×32 | 32×64 |" in capsys.readouterr().out
+
+
+def test_evaluate_channels_last_eager_stance_and_timing_keep_the_metrics() -> None:
+    net, ds = Pointwise(), TinySet(n=5)
+    loader = DataLoader(ds, batch_size=2, collate_fn=collate_eval)
+    plain = evaluate(net, loader, num_classes=K, device="cpu", progress=False)
+    timing: dict[str, float] = {}
+    fast = evaluate(net, loader, num_classes=K, device="cpu", progress=False, channels_last=True, compiled=False,
+                    timing=timing)
+    assert fast.confusion == plain.confusion
+    assert timing["images"] == 5 and 0 < timing["first_batch_seconds"] and timing["images_per_second"] > 0

@@ -188,3 +188,20 @@ def test_reduce_sums_over_ranks(tmp_path) -> None:
     for rank in range(2):
         expected.update(*_random_case(100 + rank, 4))
     assert results[0] == results[1] == expected.mat.tolist()
+
+
+def test_sync_free_updates_match_and_check_at_compute() -> None:
+    """The accelerator path (fixed-bin scatter, invalid pixels counted on the device) gives the same matrix, and
+    raises for invalid values when the metrics are read."""
+    eager, deferred = ConfusionMatrix(6), ConfusionMatrix(6, check_each_update=False)
+    assert eager.check_each_update and not deferred.check_each_update
+    for seed in range(3):
+        pred, target = _random_case(seed)
+        eager.update(pred, target)
+        deferred.update(pred.to(torch.uint8), target.to(torch.uint8))
+    assert torch.equal(eager.mat, deferred.mat) and eager.compute().confusion == deferred.compute().confusion
+    deferred.update(torch.tensor([[9, 1, 0]]), torch.tensor([[0, 7, IGNORE]]))  # no error yet: no host sync
+    with pytest.raises(DataError, match=r"1 label pixels hold values outside 0..5.*1 predicted pixels"):
+        deferred.compute()
+    deferred.reset()
+    assert deferred.compute().num_pixels == 0

@@ -145,6 +145,10 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool | None = None
     """torch.compile the trained model, the teacher and the losses; null = on CUDA yes, on the CPU no."""
+    compile_cache: str | None = "auto"
+    """Folder of the persistent compile cache (one sub-folder per torch / device / model-and-method key, see
+    cskd/engine/compile_cache.py); "auto" = ``$XDG_CACHE_HOME/cskd/compile`` (``~/.cache/cskd/compile``); null =
+    torch's own default (/tmp/torchinductor_$USER), untouched. Used only when compiling."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     loss_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
     """For the distillation losses (null: as compile_mode). Their many small kernels make them launch-bound; CUDA
@@ -180,6 +184,10 @@ class EvalConfig:
     batch_size: int = 1
     max_images: int | None = None
     """Evaluate on the first N images of the split only (quick checks; the report says so)."""
+    compile: bool = False
+    """Validate with the compiled student (when train.compile is on). Off: eagerly, because the full-size images
+    and eval mode would compile a second, dynamic-shape graph at the first validation (tens of seconds cold) for
+    a pass that runs a few times per run."""
 
 
 @dataclass(frozen=True)

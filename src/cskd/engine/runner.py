@@ -28,6 +28,7 @@ from ..models import build_segmentor
 from ..models.fusion import fold_batchnorm_
 from ..models.segmentor import SegOutput, Segmentor
 from .auxiliary import AuxiliaryOptimizers
+from .compile_cache import CompileCache, default_root
 from .config import ExperimentConfig
 from .optim import build_optimizer
 from .step import StepModule
@@ -133,7 +134,14 @@ class StepRunner:
         self.auxiliary = AuxiliaryOptimizers(step.losses)  # after the move to the device, before compile and DDP
         step.keep_outputs = bool(self.auxiliary)
         self.cudagraphs = False
-        if train_cfg.compile or (train_cfg.compile is None and self.device.type == "cuda"):
+        self.compile_cache: CompileCache | None = None
+        self.compiled = bool(train_cfg.compile or (train_cfg.compile is None and self.device.type == "cuda"))
+        if self.compiled:
+            if train_cfg.compile_cache is not None:  # before the first (lazy) compile reads the cache folder
+                root = default_root() if train_cfg.compile_cache == "auto" else train_cfg.compile_cache
+                self.compile_cache = CompileCache.for_run(root, cfg, self.device, self.num_classes,
+                                                          self.batch_per_device, self.env.world_size)
+                self.compile_cache.activate()
             mode = None if train_cfg.compile_mode == "default" else train_cfg.compile_mode
             loss_mode = train_cfg.loss_compile_mode or train_cfg.compile_mode
             loss_mode = None if loss_mode == "default" else loss_mode

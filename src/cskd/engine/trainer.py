@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Subset
 from .. import __version__
 from ..data.workers import iterate as iterate_loader
 from ..errors import CheckpointError, ConfigError, TrainingError
+from ..evaluation.evaluate import collate_eval
 from ..evaluation.metrics import SegMetrics
 from ..checkpoints.files import (atomic_save, capture_rng, first_nonfinite, named_tensors, restore_rng,
                                  resume_difference, run_environment, safe_load)
@@ -95,6 +96,13 @@ class TrainResult:
     eval_seconds: float
     warmup_seconds: float
     """The first step of each process start (compilation, cuDNN autotuning), kept out of ``train_seconds``."""
+    startup_seconds: float | None
+    """This process: from the start of ``Trainer(...)`` to the end of its first training step (data and model
+    set-up, a time budget's calibration, compilation and the first step itself); None if it took no step."""
+    first_val_seconds: float | None
+    """This process's first validation, wall time (its loader's start, decoding, inference, metric)."""
+    first_val_first_batch_seconds: float | None
+    """Of which its first batch (where an evaluation graph compiles and cuDNN autotunes for the new size)."""
     checkpoint_seconds: float
     best_miou: float | None
     best_iteration: int | None
@@ -139,6 +147,7 @@ class Trainer:
         overwrite: bool = False,
     ) -> None:
         self.cfg = cfg
+        self._started = time.perf_counter()  # start-up is timed from here (see TrainResult.startup_seconds)
         self.env = env or init_distributed(cfg.train.device)
         self.device = self.env.device
         self.run_dir = cfg.run_dir
@@ -194,6 +203,9 @@ class Trainer:
         self.warmup_steps = 0
         self.eval_seconds = 0.0
         self.checkpoint_seconds = 0.0
+        self.startup_seconds: float | None = None
+        self.first_val: dict[str, float] | None = None
+        self.last_val_timing: dict[str, float] = {}
         self.best_miou: float | None = None
         self.best_iteration: int | None = None
         self.last_metrics: SegMetrics | None = None
@@ -316,12 +328,15 @@ class Trainer:
         eval_cfg = self.cfg.eval
         n = len(self.val_set) if eval_cfg.max_images is None else min(eval_cfg.max_images, len(self.val_set))
         shard = Subset(self.val_set, list(range(self.env.rank, n, self.env.world_size)))
-        workers = min(self.cfg.data.workers, 4)
+        workers = self.cfg.data.workers
         # Built once and kept (persistent workers): a run validates every few hundred steps, and starting the
-        # workers anew each time costs more than a short validation itself.
+        # workers anew each time costs more than a short validation itself. As many workers as training: decoding
+        # full-size PNGs (~40 ms per Cityscapes image and label) sets the pace, and the training workers idle
+        # meanwhile. collate_eval stacks same-size images into one batch and keeps lists otherwise (VOC, ADE20K).
         return DataLoader(shard, batch_size=eval_cfg.batch_size, shuffle=False, num_workers=workers,
                           pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0),
-                          persistent_workers=workers > 0)
+                          persistent_workers=workers > 0, collate_fn=collate_eval,
+                          prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
@@ -422,18 +437,26 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> SegMetrics:
+        """Score the student on the validation split; its timings (seconds, first batch, img/s after the first
+        batch) are kept in ``last_val_timing`` and, for the first validation of the process, ``first_val``."""
         from ..evaluation import evaluate
 
         eval_cfg = self.cfg.eval
         start = time.perf_counter()
         self.runner.sync_buffers()
+        timing: dict[str, float] = {}
         metrics = evaluate(
             self.student, self._val_loader(), num_classes=self.num_classes, device=self.device,
             mode=eval_cfg.mode, crop_size=eval_cfg.crop_size, stride=eval_cfg.stride, scales=eval_cfg.scales,
             flip=eval_cfg.flip,
-            amp_dtype=self.amp_dtype, progress=False,
+            amp_dtype=self.amp_dtype, progress=False, timing=timing, channels_last=self.runner.channels_last,
+            compiled=eval_cfg.compile,
         )
-        self.eval_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.eval_seconds += seconds
+        self.last_val_timing = {**timing, "seconds": seconds}  # the loader's start-up included
+        if self.first_val is None:
+            self.first_val = self.last_val_timing
         return metrics
 
     # ------------------------------------------------------------------------------------------------ the loop
@@ -465,6 +488,10 @@ class Trainer:
         assert self.total_iterations is not None
         recorder = RunRecorder(self.run_dir, self.env.is_main, self.total_iterations, self.iteration, self.progress)
         recorder.message(self._banner())
+        cache = self.runner.compile_cache
+        if cache is not None:
+            state = "pre-loaded from artifacts.bin" if cache.loaded else "no artifacts.bin yet"
+            recorder.message(f"compile cache: {cache.folder} (key {cache.key}; {state})")
         if self.runner.teacher is not None and cfg.teacher is not None and not cfg.teacher.weights:
             recorder.message("warning: the teacher has random weights (teacher.weights is not set)")
         if self._step_seconds is not None and self.iteration == 0:
@@ -484,6 +511,7 @@ class Trainer:
         self.step_module.train()
         tally = StepTally(self.device)
         first = self.iteration
+        self._cache_saved_after_val = False
         window_start = time.perf_counter()
         while self.iteration < total:
             loss, terms = self.runner.step(*self.runner.prepare(next(batches)))
@@ -502,6 +530,9 @@ class Trainer:
             self._log_interval(recorder, tally)
             if at_val:
                 self._validate(recorder)
+                if not self._cache_saved_after_val:  # the evaluation graphs too, where compiled
+                    self._cache_saved_after_val = True
+                    self._save_compile_cache()
             if at_save:
                 self.save("last.pt")
             window_start = time.perf_counter()
@@ -512,7 +543,20 @@ class Trainer:
         self.runner.sync()
         self.warmup_seconds += time.perf_counter() - started
         self.warmup_steps += 1
+        if self.startup_seconds is None:
+            self.startup_seconds = time.perf_counter() - self._started
+        self._save_compile_cache()
         return time.perf_counter()
+
+    def _save_compile_cache(self) -> None:
+        """Rank 0 writes the mega-cache of what was compiled so far (every rank compiled the same graphs); the time
+        goes to the checkpoint I/O, not the training time."""
+        cache = self.runner.compile_cache
+        if cache is None or not self.env.is_main:
+            return
+        start = time.perf_counter()
+        cache.save()
+        self.checkpoint_seconds += time.perf_counter() - start
 
     def _log_interval(self, recorder: RunRecorder, tally: StepTally) -> None:
         """Stop at a non-finite loss; else record the means since the last sync point."""
@@ -531,8 +575,11 @@ class Trainer:
         it = self.iteration
         metrics = self.evaluate()
         miou = metrics.miou
+        timing = self.last_val_timing
         recorder.write("val", it, {"miou": miou, "pixel_acc": metrics.pixel_acc, "mean_acc": metrics.mean_acc,
-                                   "train_seconds": self.train_seconds})
+                                   "train_seconds": self.train_seconds, "seconds": timing["seconds"],
+                                   "first_batch_seconds": timing.get("first_batch_seconds"),
+                                   "images_per_second": timing.get("images_per_second")})
         recorder.message(f"iteration {it}/{self.total_iterations}: val mIoU {100 * miou:.2f}%")
         self.last_metrics = metrics
         if self.best_miou is None or miou > self.best_miou:
@@ -545,7 +592,9 @@ class Trainer:
         return TrainResult(
             run_dir=self.run_dir, iterations=self.iteration, train_seconds=self.train_seconds,
             planned_seconds=self.planned_seconds, step_seconds=self._step_seconds, eval_seconds=self.eval_seconds,
-            warmup_seconds=self.warmup_seconds,
+            warmup_seconds=self.warmup_seconds, startup_seconds=self.startup_seconds,
+            first_val_seconds=self.first_val["seconds"] if self.first_val else None,
+            first_val_first_batch_seconds=self.first_val.get("first_batch_seconds") if self.first_val else None,
             checkpoint_seconds=self.checkpoint_seconds, best_miou=self.best_miou, best_iteration=self.best_iteration,
             final_metrics=metrics.to_dict() if metrics is not None else None,
             images_per_second=((self.iteration - self.warmup_steps) * self.cfg.train.batch_size / self.train_seconds)
@@ -558,17 +607,25 @@ class Trainer:
         recorder.write_summary(self.iteration, {
             "iterations": result.iterations, "train_seconds": result.train_seconds,
             "planned_seconds": result.planned_seconds, "eval_seconds": result.eval_seconds,
-            "warmup_seconds": result.warmup_seconds,
+            "warmup_seconds": result.warmup_seconds, "startup_seconds": result.startup_seconds,
+            "startup_from": "Trainer start to the end of the first training step of this process",
+            "first_val_seconds": result.first_val_seconds,
+            "first_val_first_batch_seconds": result.first_val_first_batch_seconds,
             "checkpoint_seconds": result.checkpoint_seconds, "images_per_second": result.images_per_second,
             "best_miou": result.best_miou, "best_iteration": result.best_iteration,
+            "compile_cache": str(self.runner.compile_cache.folder) if self.runner.compile_cache else None,
         })
         if self.last_metrics is not None:
             self.last_metrics.save(self.run_dir, stem="metrics", class_names=self.dataset_info.class_names)
         best = f"best val mIoU {100 * self.best_miou:.2f}% at iteration {self.best_iteration}" \
             if self.best_miou is not None else "no validation"
+        startup = f"; start-up {result.startup_seconds:.1f} s (Trainer start → first step done)" \
+            if result.startup_seconds is not None else ""
+        first_val = f"; first validation {result.first_val_seconds:.1f} s (first batch " \
+            f"{result.first_val_first_batch_seconds or 0.0:.1f} s)" if result.first_val_seconds is not None else ""
         print(f"done: {self.iteration} iterations, {self.train_seconds:.1f} s of training "
-              f"({result.images_per_second:.1f} img/s; first step {self.warmup_seconds:.1f} s, not counted), "
-              f"{best}; checkpoints in {self.run_dir}", flush=True)
+              f"({result.images_per_second:.1f} img/s; first step {self.warmup_seconds:.1f} s, not counted"
+              f"{startup}{first_val}), {best}; checkpoints in {self.run_dir}", flush=True)
 
     def _kept(self, path: Path | None = None) -> str:
         last = self.run_dir / "last.pt"

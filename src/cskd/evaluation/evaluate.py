@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -99,6 +100,9 @@ def evaluate(
     align_corners: bool = True,
     window_batch: int | None = None,
     ignore_index: int = IGNORE_INDEX,
+    timing: dict[str, float] | None = None,
+    channels_last: bool = False,
+    compiled: bool = True,
 ) -> SegMetrics:
     """Score ``model`` on the batches of ``loader`` (dicts with uint8 ``"image"`` B×3×H×W and ``"mask"`` B×H×W,
     or lists of per-image tensors, see :func:`collate_eval`) and return the split's metrics.
@@ -108,6 +112,14 @@ def evaluate(
     :func:`~cskd.evaluation.predict_logits` for the inference options). Under DDP each rank scores the batches its
     loader yields (use :class:`ShardSampler` so no image counts twice) and the confusion matrices are summed, so
     every rank returns the split's metrics. ``max_batches`` stops early (a quick check during training).
+
+    ``channels_last`` feeds the images in that memory format (for a model stored so, as training does on CUDA).
+    ``compiled=False`` runs a ``torch.compile``-d model eagerly (``torch.compiler.set_stance("force_eager")``):
+    the evaluation shape and eval mode would otherwise compile a second graph, with the image size marked dynamic.
+
+    ``timing``, a dict, receives ``first_batch_seconds`` (from the call to the end of the first batch: the loader's
+    first decode, and a compile or cuDNN autotuning for a new size), ``images`` and ``images_per_second`` after
+    the first batch, metric included (one device synchronisation, after the first batch, is added for it).
     """
     device = torch.device(device)
     net = unwrap_model(model)
@@ -121,7 +133,12 @@ def evaluate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="eval", unit="batch", dynamic_ncols=True, leave=False)
-    with eval_mode(net), torch.inference_mode():
+    start = time.perf_counter()
+    first_done: float | None = None
+    scored = first_scored = 0
+    stance = torch.compiler.set_stance("force_eager") if not compiled and hasattr(torch.compiler, "set_stance") \
+        else nullcontext()
+    with eval_mode(net), torch.inference_mode(), stance:
         for i, batch in enumerate(iterate_loader(loader)):
             if max_batches is not None and i >= max_batches:
                 break
@@ -130,6 +147,8 @@ def evaluate(
                                 "cannot be scored; use `cskd predict` to write its predictions)")
             for images, masks in _groups(batch["image"], batch["mask"]):
                 x = normalize(images.to(device, non_blocking=True))
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 target = masks.to(device, non_blocking=True)
                 logits = predict_logits(
                     net, x, mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip,
@@ -137,11 +156,27 @@ def evaluate(
                     window_batch=window_batch,
                 )
                 cm.update(logits.argmax(1), target)
+                scored += target.shape[0]
+            if timing is not None and first_done is None:
+                _sync(device)
+                first_done, first_scored = time.perf_counter(), scored
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    return cm.reduce_().compute()
+    metrics = cm.reduce_().compute()  # reads the matrix back: the one synchronisation of the loop
+    if timing is not None:
+        end = time.perf_counter()
+        timing["first_batch_seconds"] = (first_done or end) - start
+        timing["images"] = float(scored)
+        rest = scored - first_scored
+        timing["images_per_second"] = rest / (end - first_done) if first_done is not None and rest else float("nan")
+    return metrics
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 __all__ = ["ShardSampler", "collate_eval", "eval_mode", "evaluate", "unwrap_model"]

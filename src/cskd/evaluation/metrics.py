@@ -51,10 +51,16 @@ class ConfusionMatrix:
     a model predicting more classes than the dataset has) raises :class:`~cskd.errors.DataError` naming the values,
     because silently dropping such pixels would make every number wrong without a trace. Predictions must hold
     ``0..K-1`` wherever the target is labelled.
+
+    On the CPU each update checks at once and names the bad values. Elsewhere an update costs no host
+    synchronisation (``torch.bincount`` on CUDA reads the maximum index back, so the counts are scattered into fixed
+    bins instead) and invalid pixels are counted on the device: :meth:`compute` / :meth:`reduce_` raise for them,
+    with their numbers. ``check_each_update`` forces either behaviour.
     """
 
     def __init__(
-        self, num_classes: int, device: torch.device | str | None = None, ignore_index: int = IGNORE_INDEX
+        self, num_classes: int, device: torch.device | str | None = None, ignore_index: int = IGNORE_INDEX,
+        check_each_update: bool | None = None,
     ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
@@ -63,6 +69,9 @@ class ConfusionMatrix:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.check_each_update = self.mat.device.type == "cpu" if check_each_update is None else check_each_update
+        self._invalid = torch.zeros(2, dtype=torch.int64, device=device)
+        """Deferred check: label pixels outside 0..K-1 and ≠ ignore, predicted ids outside 0..K-1 (labelled)."""
 
     @property
     def device(self) -> torch.device:
@@ -70,6 +79,7 @@ class ConfusionMatrix:
 
     def reset(self) -> None:
         self.mat.zero_()
+        self._invalid.zero_()
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -85,13 +95,19 @@ class ConfusionMatrix:
         t = target.reshape(-1).to(device=self.device, dtype=torch.int32)
         p = pred.reshape(-1).to(device=self.device, dtype=torch.int32)
         ignored = t == self.ignore_index
-        good = (t >= 0) & (t < k) & (p >= 0) & (p < k)
-        # Two extra bins instead of boolean indexing: masking would need a device→host sync to size its result.
-        index = torch.where(good, t * k + p, torch.where(ignored, k * k, k * k + 1))
-        counts = torch.bincount(index, minlength=k * k + 2)
-        # bincount on CUDA has already synchronised (it reads the maximum index), so this check costs no extra stall.
-        if counts[k * k + 1].item():
-            self._raise_invalid(p, t, good | ignored)
+        t_ok = (t >= 0) & (t < k)
+        good = t_ok & (p >= 0) & (p < k)
+        # Extra bins instead of boolean indexing: masking would need a device→host sync to size its result.
+        # k²: ignored; k² + 1: a bad label; k² + 2: a bad prediction under a good label.
+        index = torch.where(good, t * k + p, torch.where(ignored, k * k, torch.where(t_ok, k * k + 2, k * k + 1)))
+        if self.check_each_update:
+            counts = torch.bincount(index, minlength=k * k + 3)
+            if counts[k * k + 1:].any().item():
+                self._raise_invalid(p, t, good | ignored)
+        else:  # one scatter into fixed bins: no device→host sync (unlike bincount on CUDA)
+            ones = torch.ones((), dtype=torch.int64, device=index.device).expand(index.numel())
+            counts = torch.zeros(k * k + 3, dtype=torch.int64, device=index.device).scatter_add_(0, index.long(), ones)
+            self._invalid += counts[k * k + 1:]
         self.mat += counts[: k * k].view(k, k)
 
     def _raise_invalid(self, p: Tensor, t: Tensor, ok: Tensor) -> None:
@@ -112,10 +128,26 @@ class ConfusionMatrix:
         """Sum the matrices of all ranks in place (when ``torch.distributed`` is initialised; no-op otherwise)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.mat, op=dist.ReduceOp.SUM)
+            dist.all_reduce(self._invalid, op=dist.ReduceOp.SUM)  # every rank raises, or none
         return self
 
     def compute(self) -> SegMetrics:
+        self._check_deferred()
         return SegMetrics.from_confusion(self.mat)
+
+    def _check_deferred(self) -> None:
+        bad_t, bad_p = self._invalid.tolist()
+        if not (bad_t or bad_p):
+            return
+        k = self.num_classes
+        parts = []
+        if bad_t:
+            parts.append(f"{bad_t} label pixels hold values outside 0..{k - 1} and ≠ ignore {self.ignore_index} "
+                         "(check the dataset's label mapping and num_classes)")
+        if bad_p:
+            parts.append(f"{bad_p} predicted pixels hold class ids outside 0..{k - 1} (does the model predict the "
+                         "dataset's number of classes?)")
+        raise DataError("confusion matrix: " + "; ".join(parts) + " (the values: score on the CPU)")
 
 
 def _nanmean(values: Tensor) -> float:

@@ -1,0 +1,110 @@
+"""The persistent compile cache: its key, its folder, a corrupt file, and a save / load round trip."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cskd.distributed import DistEnv
+from cskd.engine.compile_cache import ARTIFACTS, CompileCache, cache_key, key_parts
+from cskd.engine.config import config_from_dict
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(autouse=True)
+def _keep_compile_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """activate() sets the inductor folder and the job id for the process: give both back after each test."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))
+    if not os.environ["TORCHINDUCTOR_CACHE_DIR"]:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    config = getattr(torch.compiler, "config", None)
+    if config is not None and hasattr(config, "job_id"):
+        monkeypatch.setattr(config, "job_id", config.job_id)
+
+
+def _cfg(tmp_path: Path, **model: object) -> object:
+    return config_from_dict({
+        "output_dir": str(tmp_path / "run"),
+        "model": {"model": "deeplabv3", "backbone": "mobilenetv2", **model},
+        "train": {"device": "cpu", "amp": "none", "compile": True, "compile_cache": str(tmp_path / "cache")},
+    })
+
+
+def _key(cfg: object, classes: int = 13) -> str:
+    return cache_key(key_parts(cfg, torch.device("cpu"), classes, 2, 1))
+
+
+def test_the_key_follows_the_graphs_not_the_weight_files(tmp_path: Path) -> None:
+    base = _key(_cfg(tmp_path))
+    assert _key(_cfg(tmp_path)) == base  # stable
+    assert _key(_cfg(tmp_path, weights="a.pt", pretrained_base="b.pth")) == base  # same graphs
+    assert _key(_cfg(tmp_path, backbone="resnet18")) != base  # a changed model never shares a folder
+    assert _key(_cfg(tmp_path), classes=19) != base
+    parts = key_parts(_cfg(tmp_path), torch.device("cpu"), 13, 2, 1)
+    assert parts["torch"] == torch.__version__ and parts["device"].startswith("cpu")
+
+
+def test_a_compiled_runner_points_inductor_at_the_visible_folder(tmp_path: Path) -> None:
+    from cskd.engine.runner import StepRunner
+
+    cfg = _cfg(tmp_path)
+    runner = StepRunner(cfg, 13, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), 2)
+    cache = runner.compile_cache
+    assert cache is not None and cache.folder.parent == (tmp_path / "cache").resolve()
+    assert cache.key == _key(cfg)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache.folder / "inductor")
+    assert (cache.folder / "key.json").is_file() and not cache.loaded
+    off = config_from_dict({**cfg.to_dict(), "losses": [], "train": {**cfg.to_dict()["train"], "compile": False}})
+    assert StepRunner(off, 13, runner.env, 2).compile_cache is None  # eager: nothing set
+
+
+def test_a_corrupt_cache_file_is_one_warning_then_a_fresh_compile(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    cache = CompileCache(tmp_path / "k", {"x": 1})
+    cache.folder.mkdir(parents=True)
+    for junk in (b"garbage", b"cskd-mega-cache-1\n" + b"\0" * 40):  # not ours; ours but cut / damaged
+        cache.artifacts.write_bytes(junk)
+        cache.activate()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("warning: compile cache") and "from scratch" in err[0]
+        assert not cache.loaded and not cache.artifacts.exists()
+        assert (cache.folder / f"{ARTIFACTS}.bad").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")) or not hasattr(torch.compiler, "save_cache_artifacts"),
+                    reason="inductor on the CPU needs a C++ compiler; the mega-cache needs torch ≥ 2.6")
+def test_saved_artifacts_preload_a_new_process(tmp_path: Path) -> None:
+    """Compile a one-kernel function in a process, save; a second process pre-loads the file and compiles nothing."""
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from cskd.engine.compile_cache import CompileCache\n"
+        "from torch._dynamo.utils import counters\n"
+        "c = CompileCache(Path(sys.argv[1]), {'x': 1}); c.activate()\n"
+        "f = torch.compile(lambda x: (x * 2 + 1).relu())\n"
+        "assert torch.equal(f(torch.arange(-4., 4.)), (torch.arange(-4., 4.) * 2 + 1).relu())\n"
+        "print(c.loaded, c.save(), counters['inductor']['fxgraph_cache_miss'], flush=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    folder = tmp_path / "key"
+
+    def run() -> list[str]:
+        out = subprocess.run([sys.executable, "-c", script, str(folder)], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+
+    loaded, saved, misses = run()
+    assert (loaded, saved) == ("False", "True") and int(misses) >= 1 and (folder / ARTIFACTS).is_file()
+    shutil.rmtree(folder / "inductor")  # only the artifacts file is left, as on a fresh machine given the file
+    loaded, _, misses = run()
+    assert loaded == "True" and int(misses) == 0
