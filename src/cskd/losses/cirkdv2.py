@@ -21,7 +21,8 @@ On g = GCN(f_s) (or f_s itself) and the teacher's features f_t:
     Each training step enqueues up to ``channels_enqueued`` (256) random teacher channel vectors of the batch.
   * ``cirkdv2_channel_kd``: mean over B·C_t·d of (s − t)².
 
-All are computed by the fused relation KD of :mod:`cskd.losses.cirkd` (:func:`~cskd.losses.cirkd.relation_kd`),
+All are computed by the fused relation KD of :mod:`cskd.losses.cirkd` (:func:`~cskd.losses.cirkd.relation_kd`; the
+mini-batch term through :func:`~cskd.losses.cirkd.cross_image_relation_kd`, each unordered pair's product once),
 its ring buffer (:func:`~cskd.losses.cirkd.fifo_enqueue`) and gather.
 
 Published recipes (``scripts/train_cirkdv2/``; all: pixel-wise KD λ 1 τ 1 — the registered ``kd`` loss —,
@@ -88,7 +89,7 @@ from ..models.segmentor import SegOutput
 from ._spatial import to_teacher_size
 from .base import DistillLoss, check_non_negative, check_positive, register_loss
 from ..distributed import all_gather_cat
-from .cirkd import CIRKDLoss, fifo_enqueue, relation_kd
+from .cirkd import CIRKDLoss, cross_image_relation_kd, fifo_enqueue, relation_kd
 from ._numerics import compute_dtype, no_autocast
 from .fitnet import FitNetLoss
 
@@ -110,12 +111,12 @@ class GCN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
-        q = self.node_q(x).flatten(2).mT  # B×n×C'
-        k = self.node_k(x).flatten(2)  # B×C'×n
-        v = self.node_v(x).flatten(2).mT  # B×n×C'
-        c = k.shape[1]
-        attn = torch.softmax(torch.bmm(q * c**-0.5, k), dim=-1)
-        y = torch.bmm(attn, v).mT.reshape(b, c, h, w)
+        q = self.node_q(x).flatten(2).mT[:, None]  # B×1×n×C' (one head)
+        k = self.node_k(x).flatten(2).mT[:, None]
+        v = self.node_v(x).flatten(2).mT[:, None]
+        # softmax(q kᵀ/√C') v, fused: no B×n×n attention matrix (n = h·w), kept for backward or otherwise.
+        y = F.scaled_dot_product_attention(q, k, v)[:, 0]  # B×n×C'
+        y = y.mT.reshape(b, y.shape[-1], h, w)
         return self.out_conv(torch.cat([x, self.conv1(y)], dim=1))
 
 
@@ -176,10 +177,8 @@ class ChannelRelations(nn.Module):
             t = F.normalize(ft.to(dtype).flatten(2), dim=-1)
             b, c, d = s.shape
             if self.minibatch_weight > 0:
-                weight = s.new_full((1, 1), 1.0 / (c * b * b))
-                pairs = [relation_kd(s[i: i + 1], s, t[i: i + 1], t, weight, self.contrast_temperature)
-                         for i in range(b)]
-                terms["cirkdv2_minibatch_channel"] = self.minibatch_weight * torch.stack(pairs).sum()
+                relations = cross_image_relation_kd(s, t, self.contrast_temperature) / (c * b * b)
+                terms["cirkdv2_minibatch_channel"] = self.minibatch_weight * relations
             if self.kd_weight > 0:
                 terms["cirkdv2_channel_kd"] = self.kd_weight * (s - t).square().mean()
             if self.memory_weight > 0:
