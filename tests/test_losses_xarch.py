@@ -187,3 +187,23 @@ def test_two_iteration_cross_architecture_run(synth_root: Path, tmp_path: Path, 
     for r in recs:
         for key in expected:
             assert key in r and r[key] == r[key] and abs(r[key]) != float("inf"), (key, r)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_state_from_before_the_first_batch_loads_back(name: str) -> None:
+    """The time-budget calibration runs steps and then restores the state saved before them: a loss whose buffers
+    take their shape at the first batch (CIRKDV2's channel memory) must load its unsized state back."""
+    teacher, student = _model(CNN), _model(CNN)
+    torch.manual_seed(1)
+    loss = _loss_for(name, student, teacher)
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    x = torch.randn(B, 3, SIZE, SIZE)
+    targets = torch.randint(0, NUM_CLASSES, (B, SIZE, SIZE))
+    with torch.no_grad():
+        t_out = teacher.eval()(x, with_aux=True)
+    sum(loss(student.train()(x), t_out, targets).values()).backward()
+    loss.load_state_dict(before)
+    after = loss.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert after[key].shape == value.shape and torch.equal(after[key], value), key

@@ -147,8 +147,11 @@ class ChannelRelations(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         key = prefix + "channel_queue"
         own = getattr(self, "channel_queue", None)
-        if own is not None and key in state_dict and state_dict[key].shape != own.shape and own.shape[1] == 0:
-            self.channel_queue = own.new_empty(state_dict[key].shape)
+        saved = state_dict.get(key)
+        # Either side may be the unsized memory: a checkpoint of a trained run into a fresh loss, or (the
+        # time-budget calibration's restore) the state from before the first batch into a loss that has run.
+        if own is not None and saved is not None and saved.shape != own.shape and 0 in (own.shape[1], saved.shape[1]):
+            self.channel_queue = own.new_empty(saved.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.compiler.disable
