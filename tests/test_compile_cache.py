@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +20,19 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(autouse=True)
-def _keep_compile_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+def _keep_compile_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """activate() sets the inductor folder and the job id for the process: give both back after each test."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))
     if not os.environ["TORCHINDUCTOR_CACHE_DIR"]:
         monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     config = getattr(torch.compiler, "config", None)
-    if config is not None and hasattr(config, "job_id"):
-        monkeypatch.setattr(config, "job_id", config.job_id)
+    keep = config is not None and hasattr(config, "job_id")
+    job_id = config.job_id if keep else None
+    yield
+    # Not monkeypatch.setattr: its undo deletes the attribute of torch's config module, which then hides the
+    # setting from every later compile in the process ("torch.compiler.config.job_id does not exist").
+    if keep:
+        config.job_id = job_id
 
 
 def _cfg(tmp_path: Path, **model: object) -> object:
