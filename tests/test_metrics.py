@@ -201,7 +201,13 @@ def test_sync_free_updates_match_and_check_at_compute() -> None:
         deferred.update(pred.to(torch.uint8), target.to(torch.uint8))
     assert torch.equal(eager.mat, deferred.mat) and eager.compute().confusion == deferred.compute().confusion
     deferred.update(torch.tensor([[9, 1, 0]]), torch.tensor([[0, 7, IGNORE]]))  # no error yet: no host sync
-    with pytest.raises(DataError, match=r"1 label pixels hold values outside 0..5.*1 predicted pixels"):
+    deferred.update(torch.tensor([[2, 3, 11]]), torch.tensor([[40, 1, 2]]))
+    with pytest.raises(DataError, match=r"2 label pixels hold values from 7 to 40 outside 0..5.*"
+                                        r"2 predicted pixels hold class ids from 9 to 11 outside"):
+        deferred.compute()
+    deferred.reset()
+    deferred.update(torch.tensor([[0]]), torch.tensor([[250]]))
+    with pytest.raises(DataError, match=r"1 label pixels hold values \[250\] outside"):
         deferred.compute()
     deferred.reset()
     assert deferred.compute().num_pixels == 0

@@ -54,8 +54,8 @@ class ConfusionMatrix:
 
     On the CPU each update checks at once and names the bad values. Elsewhere an update costs no host
     synchronisation (``torch.bincount`` on CUDA reads the maximum index back, so the counts are scattered into fixed
-    bins instead) and invalid pixels are counted on the device: :meth:`compute` / :meth:`reduce_` raise for them,
-    with their numbers. ``check_each_update`` forces either behaviour.
+    bins instead) and invalid pixels are counted on the device: :meth:`compute` raises for them, with their numbers
+    and the smallest and largest bad value. ``check_each_update`` forces either behaviour.
     """
 
     def __init__(
@@ -72,6 +72,9 @@ class ConfusionMatrix:
         self.check_each_update = self.mat.device.type == "cpu" if check_each_update is None else check_each_update
         self._invalid = torch.zeros(2, dtype=torch.int64, device=device)
         """Deferred check: label pixels outside 0..K-1 and ≠ ignore, predicted ids outside 0..K-1 (labelled)."""
+        self._lowest = torch.full((2,), _NO_LOW, dtype=torch.int32, device=device)
+        self._highest = torch.full((2,), _NO_HIGH, dtype=torch.int32, device=device)
+        """The smallest and largest of those bad label values and predicted ids, for the deferred error."""
 
     @property
     def device(self) -> torch.device:
@@ -80,6 +83,8 @@ class ConfusionMatrix:
     def reset(self) -> None:
         self.mat.zero_()
         self._invalid.zero_()
+        self._lowest.fill_(_NO_LOW)
+        self._highest.fill_(_NO_HIGH)
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -108,7 +113,13 @@ class ConfusionMatrix:
             ones = torch.ones((), dtype=torch.int64, device=index.device).expand(index.numel())
             counts = torch.zeros(k * k + 3, dtype=torch.int64, device=index.device).scatter_add_(0, index.long(), ones)
             self._invalid += counts[k * k + 1:]
+            self._track_extremes(t, p, ~t_ok & ~ignored, t_ok & ~good)
         self.mat += counts[: k * k].view(k, k)
+
+    def _track_extremes(self, t: Tensor, p: Tensor, bad_t: Tensor, bad_p: Tensor) -> None:
+        for row, (values, bad) in enumerate(((t, bad_t), (p, bad_p))):
+            self._lowest[row] = torch.minimum(self._lowest[row], torch.where(bad, values, _NO_LOW).amin())
+            self._highest[row] = torch.maximum(self._highest[row], torch.where(bad, values, _NO_HIGH).amax())
 
     def _raise_invalid(self, p: Tensor, t: Tensor, ok: Tensor) -> None:
         bad_t = t[~ok & ~((t >= 0) & (t < self.num_classes))]
@@ -129,6 +140,8 @@ class ConfusionMatrix:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.mat, op=dist.ReduceOp.SUM)
             dist.all_reduce(self._invalid, op=dist.ReduceOp.SUM)  # every rank raises, or none
+            dist.all_reduce(self._lowest, op=dist.ReduceOp.MIN)
+            dist.all_reduce(self._highest, op=dist.ReduceOp.MAX)
         return self
 
     def compute(self) -> SegMetrics:
@@ -140,14 +153,22 @@ class ConfusionMatrix:
         if not (bad_t or bad_p):
             return
         k = self.num_classes
+        (lo_t, lo_p), (hi_t, hi_p) = self._lowest.tolist(), self._highest.tolist()
         parts = []
         if bad_t:
-            parts.append(f"{bad_t} label pixels hold values outside 0..{k - 1} and ≠ ignore {self.ignore_index} "
-                         "(check the dataset's label mapping and num_classes)")
+            parts.append(f"{bad_t} label pixels hold values {_span(lo_t, hi_t)} outside 0..{k - 1} and ≠ ignore "
+                         f"{self.ignore_index} (check the dataset's label mapping and num_classes)")
         if bad_p:
-            parts.append(f"{bad_p} predicted pixels hold class ids outside 0..{k - 1} (does the model predict the "
-                         "dataset's number of classes?)")
-        raise DataError("confusion matrix: " + "; ".join(parts) + " (the values: score on the CPU)")
+            parts.append(f"{bad_p} predicted pixels hold class ids {_span(lo_p, hi_p)} outside 0..{k - 1} (does the "
+                         "model predict the dataset's number of classes?)")
+        raise DataError("confusion matrix: " + "; ".join(parts))
+
+
+_NO_LOW, _NO_HIGH = torch.iinfo(torch.int32).max, torch.iinfo(torch.int32).min
+
+
+def _span(lowest: int, highest: int) -> str:
+    return f"[{lowest}]" if lowest == highest else f"from {lowest} to {highest}"
 
 
 def _nanmean(values: Tensor) -> float:
