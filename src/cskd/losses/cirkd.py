@@ -238,8 +238,7 @@ class _PairsBothWaysKD(torch.autograd.Function):
                 si, sj, ti, tj = s[i : i + 1], s[j : j + 1], t[i : i + 1], t[j : j + 1]
             else:
                 rows, cols = first[p0 : p0 + step], second[p0 : p0 + step]
-                si, sj = s.index_select(0, rows), s.index_select(0, cols)
-                ti, tj = t.index_select(0, rows), t.index_select(0, cols)
+                si, sj, ti, tj = s[rows], s[cols], t[rows], t[cols]
             kl, g = _both_ways_kl(torch.bmm(si * scale, sj.mT), torch.bmm(ti * scale, tj.mT))
             total = total + kl
             if grad is not None:
