@@ -111,12 +111,12 @@ class GCN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
-        q = self.node_q(x).flatten(2).mT[:, None]  # B×1×n×C' (one head)
-        k = self.node_k(x).flatten(2).mT[:, None]
-        v = self.node_v(x).flatten(2).mT[:, None]
-        # softmax(q kᵀ/√C') v, fused: no B×n×n attention matrix (n = h·w), kept for backward or otherwise.
-        y = F.scaled_dot_product_attention(q, k, v)[:, 0]  # B×n×C'
-        y = y.mT.reshape(b, y.shape[-1], h, w)
+        q = self.node_q(x).flatten(2).mT  # B×n×C'
+        k = self.node_k(x).flatten(2)  # B×C'×n
+        v = self.node_v(x).flatten(2).mT  # B×n×C'
+        c = k.shape[1]
+        attn = torch.softmax(torch.bmm(q * c**-0.5, k), dim=-1)
+        y = torch.bmm(attn, v).mT.reshape(b, c, h, w)
         return self.out_conv(torch.cat([x, self.conv1(y)], dim=1))
 
 
