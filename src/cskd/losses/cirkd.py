@@ -45,9 +45,6 @@ Differences from the published code, and why:
 - The KL terms are computed by a fused function (:func:`relation_kd`) that forms the gradient block by block in
   the forward pass and keeps only it for backward, instead of n×n (mini-batch) or anchors×contrast (memory)
   matrices per pair: the mini-batch term at B = 8, 64×128 features would otherwise hold ~34 GB for backward.
-  The mini-batch term computes the logits of each unordered pair {i, j} once and reads them along rows (i → j) and
-  columns (j → i, whose logits are the transpose; :func:`cross_image_relation_kd`): half the matrix products of the
-  published B² pairs, same sum. The products stay float32, as the published code (no autocast) computes them.
 - ``nn.BatchNorm2d`` in the projection head (the published uses SyncBatchNorm); convert with
   ``nn.SyncBatchNorm.convert_sync_batchnorm`` when training on several GPUs to match.
 
@@ -105,38 +102,6 @@ def _accumulate(grad: Tensor, p0: int, p1: int, r0: int, r1: int, block: Tensor)
         grad[p0:p1, r0:r1] += block
 
 
-def _softmax_lse(z: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """softmax(z) along ``dim`` and its log-normaliser (keepdim): one exp pass instead of log_softmax's plus an exp.
-    The normaliser is max z − log max q (the largest probability is ≥ 1/size: no underflow); ``amax`` rather than
-    ``max`` with indices, which is several times slower across rows on the CPU."""
-    q = torch.softmax(z, dim=dim)
-    return q, z.amax(dim=dim, keepdim=True) - q.amax(dim=dim, keepdim=True).log_()
-
-
-def _row_kl(zs: Tensor, zt: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row of the logits, KL(softmax(zt) ‖ softmax(zs)) (P×R) and its gradient with respect to zs, q_s − q_t.
-    KL = Σ q_t (z_t − z_s) + lse_s − lse_t, written without log-probability matrices. Consumes zs and zt."""
-    qs, lse_s = _softmax_lse(zs, -1)
-    qt, lse_t = _softmax_lse(zt, -1)
-    kl = zt.sub_(zs).mul_(qt).sum(dim=-1) + (lse_s - lse_t).squeeze(-1)
-    return kl, qs.sub_(qt)
-
-
-def _both_ways_kl(zs: Tensor, zt: Tensor) -> tuple[Tensor, Tensor]:
-    """For logits of pairs (i, j): the summed KL of their rows (pair i→j) and of their columns (pair j→i, whose
-    logits are the transpose), and the gradient of that sum with respect to zs. Consumes zs and zt."""
-    qs, lse_s = _softmax_lse(zs, -1)
-    qs_col, lse_s_col = _softmax_lse(zs, -2)
-    qs.add_(qs_col)
-    del qs_col
-    qt, lse_t = _softmax_lse(zt, -1)
-    qt_col, lse_t_col = _softmax_lse(zt, -2)
-    qt.add_(qt_col)
-    del qt_col
-    kl = zt.sub_(zs).mul_(qt).sum() + (lse_s - lse_t).sum() + (lse_s_col - lse_t_col).sum()
-    return kl, qs.sub_(qt)
-
-
 class _RelationKD(torch.autograd.Function):
     """See :func:`relation_kd`. The forward pass also forms the gradient with respect to the student's rows and
     columns (when they need one), block by block, so backward needs none of the large matrices."""
@@ -159,20 +124,22 @@ class _RelationKD(torch.autograd.Function):
         for p0, p1, r0, r1 in _blocks(pairs, rows, cols, block_elements):
             # Shared operands are expanded (a copy of at most rows×C) so that every product is a plain bmm with
             # a contiguous result: matmul's broadcasting folds the batch into an mm whose big result is transposed.
-            # The 1/(τT) scale goes on the rows (rows×C) rather than on the rows×cols logits.
             sr, sc = _pick(s_rows, p0, p1)[:, r0:r1], _pick(s_cols, p0, p1)
             sr, sc = sr.expand(p1 - p0, -1, -1), sc.expand(p1 - p0, -1, -1)
-            tr = _pick(t_rows, p0, p1)[:, r0:r1].expand(p1 - p0, -1, -1)
-            tc = _pick(t_cols, p0, p1).expand(p1 - p0, -1, -1)
             w = weight[p0:p1, r0:r1]
-            kl, g = _row_kl(torch.bmm(sr * scale, sc.mT), torch.bmm(tr * scale, tc.mT))
+            log_qs = torch.log_softmax(torch.bmm(sr, sc.mT).mul_(scale), dim=-1)
+            tr = _pick(t_rows, p0, p1)[:, r0:r1].expand(p1 - p0, -1, -1)
+            t_logits = torch.bmm(tr, _pick(t_cols, p0, p1).expand(p1 - p0, -1, -1).mT)
+            log_qt = torch.log_softmax(t_logits.mul_(scale), dim=-1)
+            qt = log_qt.exp()
+            kl = log_qt.sub_(log_qs).mul_(qt).sum(dim=-1)
             total = total + (w * kl).sum()
-            # The row weights scale the rows×C products, not the rows×cols gradient.
-            gw = (w * grad_scale)[..., None]
-            if grad_rows is not None:
-                _accumulate(grad_rows, p0, p1, r0, r1, torch.bmm(g, sc).mul_(gw))
-            if grad_cols is not None:
-                _accumulate(grad_cols, p0, p1, 0, cols, torch.bmm(g.mT, sr * gw))
+            if need_rows or need_cols:
+                g = log_qs.exp_().sub_(qt).mul_((w * grad_scale)[..., None])
+                if grad_rows is not None:
+                    _accumulate(grad_rows, p0, p1, r0, r1, torch.bmm(g, sc))
+                if grad_cols is not None:
+                    _accumulate(grad_cols, p0, p1, 0, cols, torch.bmm(g.mT, sr))
         ctx.grads = (grad_rows, grad_cols)
         return total * kd_temperature**2
 
@@ -217,64 +184,6 @@ def relation_kd(
                              float(temperature), float(kd_temperature), int(block_elements))
 
 
-class _PairsBothWaysKD(torch.autograd.Function):
-    """See :func:`cross_image_relation_kd`: the pairs i < j, each product computed once and read both ways. The
-    forward pass forms the gradient with respect to ``s`` block by block, as :class:`_RelationKD` does."""
-
-    @staticmethod
-    def forward(ctx, s: Tensor, t: Tensor, temperature: float, block_elements: int) -> Tensor:  # type: ignore[override]
-        b, n = s.shape[:2]
-        scale = 1.0 / temperature
-        pairs = [(i, j) for i in range(b) for j in range(i + 1, b)]
-        step = max(1, block_elements // (n * n))
-        # Device-made indices (no host-to-device copy) for blocks of several pairs; single pairs are slices.
-        first, second = torch.triu_indices(b, b, 1, device=s.device)
-        grad = torch.zeros_like(s, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
-        total = s.new_zeros(())
-        for p0 in range(0, len(pairs), step):
-            block = pairs[p0 : p0 + step]
-            if len(block) == 1:
-                (i, j), = block
-                si, sj, ti, tj = s[i : i + 1], s[j : j + 1], t[i : i + 1], t[j : j + 1]
-            else:
-                rows, cols = first[p0 : p0 + step], second[p0 : p0 + step]
-                si, sj, ti, tj = s[rows], s[cols], t[rows], t[cols]
-            kl, g = _both_ways_kl(torch.bmm(si * scale, sj.mT), torch.bmm(ti * scale, tj.mT))
-            total = total + kl
-            if grad is not None:
-                to_first, to_second = torch.bmm(g, sj), torch.bmm(g.mT, si)
-                for k, (i, j) in enumerate(block):  # plain adds: deterministic, unlike index_add_ on CUDA
-                    grad[i] += to_first[k]
-                    grad[j] += to_second[k]
-        ctx.grad = grad.mul_(scale) if grad is not None else None
-        return total
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]  # noqa: ANN205
-        grad, ctx.grad = ctx.grad, None
-        return grad * grad_out if grad is not None else None, None, None, None
-
-
-def cross_image_relation_kd(s: Tensor, t: Tensor, temperature: float, block_elements: int = BLOCK_ELEMENTS) -> Tensor:
-    """Σ_i Σ_j Σ_r KL(softmax(⟨t_ir, t_j·⟩/τ) ‖ softmax(⟨s_ir, s_j·⟩/τ)) over all ordered pairs of the B items of
-    ``s`` B×n×C_s (the student's, may need a gradient) and ``t`` B×n×C_t, in the compute dtype.
-
-    The logits of (j, i) are the transpose of those of (i, j), so where a pair's n×n logits fit in one block each
-    unordered pair's products are computed once and softmaxed along rows and columns: half the matrix products of
-    the B² ordered pairs. Larger maps fall back to row blocks of the ordered pairs (:func:`relation_kd`)."""
-    if s.dim() != 3 or t.dim() != 3 or s.shape[:2] != t.shape[:2]:
-        raise ValueError(f"cross_image_relation_kd takes B×n×C maps of one B and n, got {tuple(s.shape)} and "
-                         f"{tuple(t.shape)}")
-    b, n = s.shape[:2]
-    one = s.new_ones((1, 1))
-    if b > 1 and n * n <= block_elements:
-        same = relation_kd(s, s, t, t, one, temperature, 1.0, block_elements)  # the pairs (i, i)
-        return same + _PairsBothWaysKD.apply(s, t.detach(), float(temperature), int(block_elements))
-    terms = [relation_kd(s[i : i + 1], s, t[i : i + 1], t, one, temperature, 1.0, block_elements) for i in range(b)]
-    return torch.stack(terms).sum()
-
-
 def minibatch_pixel_relation(
     student: Tensor, teacher: Tensor, temperature: float, pool: int = 1, block_elements: int = BLOCK_ELEMENTS
 ) -> Tensor:
@@ -294,7 +203,14 @@ def minibatch_pixel_relation(
             ft = F.avg_pool2d(ft, kernel_size=pool, stride=pool, ceil_mode=True)
         s = F.normalize(fs.flatten(2), dim=1).mT  # B×n×C_s
         t = F.normalize(ft.flatten(2), dim=1).mT
-        return cross_image_relation_kd(s, t, temperature, block_elements) / (s.shape[1] * b * b)
+        n = s.shape[1]
+        weight = s.new_full((1, 1), 1.0 / (n * b * b))
+        # Image i against every image j: i's positions are the rows, shared by the B pairs; j's are the columns.
+        terms = [
+            relation_kd(s[i : i + 1], s, t[i : i + 1], t, weight, temperature, 1.0, block_elements)
+            for i in range(b)
+        ]
+        return torch.stack(terms).sum()
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -523,6 +439,6 @@ def _sample_slots(queue: Tensor, per_class: int) -> Tensor:
 
 
 __all__ = [
-    "BLOCK_ELEMENTS", "CIRKDLoss", "cross_image_relation_kd", "fifo_enqueue", "minibatch_pixel_relation", "relation_kd",
+    "BLOCK_ELEMENTS", "CIRKDLoss", "fifo_enqueue", "minibatch_pixel_relation", "relation_kd",
     "sample_class_pixels",
 ]

@@ -21,8 +21,7 @@ On g = GCN(f_s) (or f_s itself) and the teacher's features f_t:
     Each training step enqueues up to ``channels_enqueued`` (256) random teacher channel vectors of the batch.
   * ``cirkdv2_channel_kd``: mean over B·C_t·d of (s − t)².
 
-All are computed by the fused relation KD of :mod:`cskd.losses.cirkd` (:func:`~cskd.losses.cirkd.relation_kd`; the
-mini-batch term through :func:`~cskd.losses.cirkd.cross_image_relation_kd`, each unordered pair's product once),
+All are computed by the fused relation KD of :mod:`cskd.losses.cirkd` (:func:`~cskd.losses.cirkd.relation_kd`),
 its ring buffer (:func:`~cskd.losses.cirkd.fifo_enqueue`) and gather.
 
 Published recipes (``scripts/train_cirkdv2/``; all: pixel-wise KD λ 1 τ 1 — the registered ``kd`` loss —,
@@ -89,7 +88,7 @@ from ..models.segmentor import SegOutput
 from ._spatial import to_teacher_size
 from .base import DistillLoss, check_non_negative, check_positive, register_loss
 from ..distributed import all_gather_cat
-from .cirkd import CIRKDLoss, cross_image_relation_kd, fifo_enqueue, relation_kd
+from .cirkd import CIRKDLoss, fifo_enqueue, relation_kd
 from ._numerics import compute_dtype, no_autocast
 from .fitnet import FitNetLoss
 
@@ -180,8 +179,10 @@ class ChannelRelations(nn.Module):
             t = F.normalize(ft.to(dtype).flatten(2), dim=-1)
             b, c, d = s.shape
             if self.minibatch_weight > 0:
-                relations = cross_image_relation_kd(s, t, self.contrast_temperature) / (c * b * b)
-                terms["cirkdv2_minibatch_channel"] = self.minibatch_weight * relations
+                weight = s.new_full((1, 1), 1.0 / (c * b * b))
+                pairs = [relation_kd(s[i: i + 1], s, t[i: i + 1], t, weight, self.contrast_temperature)
+                         for i in range(b)]
+                terms["cirkdv2_minibatch_channel"] = self.minibatch_weight * torch.stack(pairs).sum()
             if self.kd_weight > 0:
                 terms["cirkdv2_channel_kd"] = self.kd_weight * (s - t).square().mean()
             if self.memory_weight > 0:
