@@ -361,10 +361,3 @@ def test_torchrun_launch(synth_root: Path, tmp_path: Path) -> None:
     assert "done: 2 iterations" in res.stdout
     summary = read_records(tmp_path / "tr" / "log.jsonl", "summary")
     assert len(summary) == 1 and json.dumps(summary[0])
-
-
-def test_calibration_times_whole_rounds_of_the_workers() -> None:
-    from cskd.engine.trainer import whole_rounds
-
-    assert [whole_rounds(3, w) for w in (0, 1, 2, 4)] == [3, 3, 4, 4]
-    assert whole_rounds(50, 14) == 56 and whole_rounds(56, 14) == 56

@@ -122,15 +122,6 @@ def _infinite(loader: DataLoader) -> Iterator[dict[str, Any]]:
         yield from iterate_loader(loader)
 
 
-
-def whole_rounds(steps: int, workers: int) -> int:
-    """``steps`` rounded up to a multiple of ``workers``. After the start-up queue is drained, the workers' batches
-    come in rounds (they restarted together), so a loader-bound pace is only measured right over whole rounds: 3
-    steps fed by 2 workers can take 2 batches' time instead of 3 (docs/benchmarks.md, "Time budgets")."""
-    if workers <= 1:
-        return steps
-    return -(-steps // workers) * workers
-
 class Trainer:
     """Build everything a config describes, then :meth:`fit`.
 
@@ -243,9 +234,8 @@ class Trainer:
         tally = StepTally(self.device)
         loader = self._make_train_loader(0)
         batches = iterate_loader(loader)
-        workers = self.cfg.data.workers
         self._step_seconds = self.runner.calibrate(
-            batches, max(budget.warmup_steps, workers * PREFETCH_BATCHES), whole_rounds(budget.calibration_steps, workers),
+            batches, max(budget.warmup_steps, self.cfg.data.workers * PREFETCH_BATCHES), budget.calibration_steps,
             after_step=lambda loss, terms: tally.add(1, loss, terms))
         del batches, loader  # its workers stop now, before the run starts its own
         self.total_iterations = max(1, int(budget.gpu_seconds / self._step_seconds))
@@ -457,6 +447,7 @@ class Trainer:
         self.last_val_timing = {**timing, "seconds": seconds}  # the loader's start-up included
         if self.first_val is None:
             self.first_val = self.last_val_timing
+            self._save_compile_cache()  # the evaluation graphs too, where compiled
         return metrics
 
     # ------------------------------------------------------------------------------------------------ the loop
@@ -511,7 +502,6 @@ class Trainer:
         self.step_module.train()
         tally = StepTally(self.device)
         first = self.iteration
-        self._cache_saved_after_val = False
         window_start = time.perf_counter()
         while self.iteration < total:
             loss, terms = self.runner.step(*self.runner.prepare(next(batches)))
@@ -530,9 +520,6 @@ class Trainer:
             self._log_interval(recorder, tally)
             if at_val:
                 self._validate(recorder)
-                if not self._cache_saved_after_val:  # the evaluation graphs too, where compiled
-                    self._cache_saved_after_val = True
-                    self._save_compile_cache()
             if at_save:
                 self.save("last.pt")
             window_start = time.perf_counter()
