@@ -16,7 +16,8 @@ import random
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -45,10 +46,14 @@ def safe_load(path: str | Path) -> Any:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` to ``path`` through a temporary file in the same folder (fsync'ed, then renamed over the
-    target). Any failure (a full disk, a read-only folder, a directory where the file should be, Ctrl-C) removes
-    the temporary file and leaves the previous file as it was; an OS error becomes a :class:`CheckpointError`
-    naming the path."""
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call ``write`` on a temporary file in ``path``'s folder, fsync it, then rename it over ``path``. Any failure
+    (a full disk, a read-only folder, a directory where the file should be, Ctrl-C) removes the temporary file and
+    leaves the previous file as it was; an OS error becomes a :class:`CheckpointError` naming the path."""
     path = Path(path)
     tmp: str | None = None
     try:
@@ -57,7 +62,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             raise IsADirectoryError(errno.EISDIR, "a directory is in the way of the file", str(path))
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -185,4 +190,4 @@ def _python_state_from_tensor(d: dict[str, Any]) -> tuple:
     return (d["version"], tuple(int(x) for x in d["internal"].tolist()), d["gauss"])
 
 
-__all__ = ["atomic_save", "first_nonfinite", "named_tensors", "capture_rng", "restore_rng", "resume_difference", "run_environment", "safe_load"]
+__all__ = ["atomic_save", "atomic_write", "first_nonfinite", "named_tensors", "capture_rng", "restore_rng", "resume_difference", "run_environment", "safe_load"]

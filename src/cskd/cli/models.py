@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="list the registered backbones and heads with parameters and GFLOPs",
         description="List every registered backbone (stage widths and strides, published head widths, aux "
         "head and optimiser, parameters and GFLOPs of the backbone alone) and every head; --pairs adds every "
-        "backbone × head segmentor. Models are built on the meta device (no memory, no weights). GFLOPs as in 'cskd info': "
-        "torch.utils.flop_counter, batch 1, a multiply-add = 2 FLOPs, inference path.",
+        "backbone × head segmentor. Models are built on the meta device (no memory, no weights). GFLOPs as in "
+        "'cskd info': torch.utils.flop_counter, batch 1, a multiply-add = 2 FLOPs, inference path.",
     )
     p.add_argument("--size", nargs=2, type=int, default=(512, 1024), metavar=("H", "W"), help="input size")
     p.add_argument("--num-classes", type=int, default=19)

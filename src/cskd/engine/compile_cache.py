@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..checkpoints.files import atomic_write
 
 ARTIFACTS = "artifacts.bin"
 _MAGIC = b"cskd-mega-cache-1\n"
@@ -55,7 +56,9 @@ def device_name(device: torch.device) -> str:
     return f"{device.type}-{platform.machine()}"
 
 
-def key_parts(cfg: Any, device: torch.device, num_classes: int, batch_per_device: int, world_size: int) -> dict[str, Any]:
+def key_parts(
+    cfg: Any, device: torch.device, num_classes: int, batch_per_device: int, world_size: int
+) -> dict[str, Any]:
     """What the key is made of (written to ``key.json``)."""
     try:
         import triton  # noqa: PLC0415
@@ -160,9 +163,7 @@ class CompileCache:
             data = _MAGIC + hashlib.sha256(saved[0]).digest() + saved[0]
             if self.artifacts.is_file() and self.artifacts.stat().st_size > len(data):
                 return False  # a run that found everything cached may know less than the file already holds
-            tmp = self.artifacts.with_name(f".{ARTIFACTS}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, self.artifacts)
+            atomic_write(self.artifacts, lambda f: f.write(data))
             return True
         except Exception as e:  # noqa: BLE001 - the cache is an optimisation; the run goes on without it
             _warn(f"compile cache {self.artifacts} not saved ({type(e).__name__}: {str(e)[:120]})")

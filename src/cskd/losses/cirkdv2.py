@@ -149,7 +149,8 @@ class ChannelRelations(nn.Module):
         saved = state_dict.get(key)
         # Either side may be the unsized memory: a checkpoint of a trained run into a fresh loss, or (the
         # time-budget calibration's restore) the state from before the first batch into a loss that has run.
-        if own is not None and saved is not None and saved.shape != own.shape and 0 in (own.shape[1], saved.shape[1]):
+        if own is not None and saved is not None and saved.shape != own.shape \
+                and 0 in (own.shape[1], saved.shape[1]):
             self.channel_queue = own.new_empty(saved.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

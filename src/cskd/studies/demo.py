@@ -95,10 +95,10 @@ def optimizer_overrides(backbone: str) -> dict[str, Any]:
 def describe_optimizer(cfg: ExperimentConfig, short: bool = False) -> str:
     """E.g. ``AdamW lr 0.0009, weight decay 0.01 (none on norms, biases and position terms): mobilevit_xxs's
     published recipe (CIRKD scripts/...)``; ``short``: ``AdamW lr 0.0009``."""
-    from ..models.backbones import backbone_defaults
+    from ..models.backbones._registry import OPTIMIZER_NAMES, backbone_defaults
 
     t = cfg.train
-    name = {"sgd": "SGD", "adamw": "AdamW"}.get(t.optimizer, t.optimizer)
+    name = OPTIMIZER_NAMES.get(t.optimizer, t.optimizer)
     if short:
         return f"{name} lr {t.lr:g}"
     text = f"{name} lr {t.lr:g}" + (f", momentum {t.momentum:g}" if t.optimizer == "sgd" else "")
@@ -107,8 +107,8 @@ def describe_optimizer(cfg: ExperimentConfig, short: bool = False) -> str:
     if split:
         text += " (none on norms, biases and position terms)"
     recipe = backbone_defaults(cfg.model.backbone).optimizer
-    if recipe is not None and (recipe.optimizer, recipe.lr, recipe.weight_decay) == (t.optimizer, t.lr,
-                                                                                    t.weight_decay):
+    overrides = optimizer_overrides(cfg.model.backbone)
+    if recipe is not None and all(getattr(t, key) == value for key, value in overrides.items()):
         return text + f": {cfg.model.backbone}'s published recipe" + (f" ({recipe.source})" if recipe.source else "")
     return text + ": the preset's"
 

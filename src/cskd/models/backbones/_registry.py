@@ -33,6 +33,10 @@ NormLayer = Callable[[int], nn.Module]
 TIMM_PREFIX = "timm:"
 
 
+OPTIMIZER_NAMES = {"sgd": "SGD", "adamw": "AdamW"}
+"""``train.optimizer`` values and the names reports print for them."""
+
+
 @dataclass(frozen=True)
 class OptimizerRecipe:
     """The optimiser a backbone's published training script uses (what ``train.optimizer``, ``train.lr`` and
@@ -47,13 +51,12 @@ class OptimizerRecipe:
     """Where the values come from (a published script)."""
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer {self.optimizer!r}: choose one of ['adamw', 'sgd']")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise ValueError(f"optimizer {self.optimizer!r}: choose one of {sorted(OPTIMIZER_NAMES)}")
 
     def describe(self) -> str:
         """E.g. ``AdamW lr 0.0009, weight decay 0.01``."""
-        name = {"sgd": "SGD", "adamw": "AdamW"}[self.optimizer]
-        return f"{name} lr {self.lr:g}, weight decay {self.weight_decay:g}"
+        return f"{OPTIMIZER_NAMES[self.optimizer]} lr {self.lr:g}, weight decay {self.weight_decay:g}"
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,6 @@ def build_backbone(
     return body
 
 
-__all__ = ["BACKBONES", "TIMM_PREFIX", "BackboneDefaults", "BackboneEntry", "OptimizerRecipe", "backbone_defaults",
-           "backbone_display_name", "backbone_names", "build_backbone", "check_backbone_name", "register_backbone",
-           "unknown_backbone_message"]
+__all__ = ["BACKBONES", "OPTIMIZER_NAMES", "TIMM_PREFIX", "BackboneDefaults", "BackboneEntry", "OptimizerRecipe",
+           "backbone_defaults", "backbone_display_name", "backbone_names", "build_backbone", "check_backbone_name",
+           "register_backbone", "unknown_backbone_message"]
