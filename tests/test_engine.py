@@ -245,6 +245,25 @@ def test_calibration_times_the_loops_per_step_work_too(synth_root: Path, tmp_pat
     assert with_work >= bare * 0.5 + 0.05 * 0.9  # the timed part includes the per-step work
 
 
+def test_calibration_takes_the_loaders_pace_from_when_batches_were_made(synth_root: Path, tmp_path: Path) -> None:
+    # Batches already queued come at once, but were made 20 s apart by each of two workers (a batch every 10 s):
+    # the loop will wait for that pace once the queue is empty, so the calibration must report it.
+    cfg = config_from_dict(tiny_config(synth_root, tmp_path / "cal", None, budget={"iterations": 2}))
+    runner = Trainer(cfg, progress=False).runner
+    batch = runner.random_batch(TINY)
+    made = [0.0, 0.0]  # both workers finish their first batches together, then every 20 s
+    for _ in range(10):
+        made.append(made[-2] + 20.0)
+    stamped = iter([{**batch, "ready_at": 1000.0 + t} for t in made])
+    bare = runner.calibrate(itertools.repeat(batch), warmup=1, steps=4)
+    assert bare < 10.0  # the premise: the tiny step is faster than this loader
+    # Timed batches 1..5: the span from batch 1 to batch 5 is two whole rounds of the two workers (40 s).
+    assert runner.calibrate(stamped, warmup=1, steps=5, round_size=2) == pytest.approx(10.0)
+    # A loader faster than the step changes nothing.
+    fast = iter([{**batch, "ready_at": 1000.0 + 1e-6 * i} for i in range(10)])
+    assert runner.calibrate(fast, warmup=1, steps=5, round_size=2) < 10.0
+
+
 def test_calibration_leaves_weights_optimiser_and_rng_as_they_were(synth_root: Path, tmp_path: Path) -> None:
     cfg = config_from_dict(tiny_config(synth_root, tmp_path / "cal", [{"name": "cskd"}], batch_size=4,
                                        budget={"iterations": 2}))

@@ -93,8 +93,8 @@ class BudgetConfig:
     """Train for a number of iterations, or for a number of seconds of training-step time (GPU seconds on a GPU).
 
     With ``gpu_seconds`` the iteration count is fixed up front from a timed calibration of this method's own
-    iterations fed by the training loader (``calibration_steps`` after at least ``warmup_steps``; more where the
-    loader's workers queue more batches at start-up), so that the poly LR schedule has its total."""
+    iterations fed by the training loader (``calibration_steps``, at least one per worker plus one, after
+    ``warmup_steps`` plus the loader's start-up queue), so that the poly LR schedule has its total."""
 
     iterations: int | None = None
     """Default (neither set): 40,000, the published schedule."""

@@ -263,34 +263,48 @@ class StepRunner:
 
     def calibrate(
         self, batches: Iterator[dict[str, Tensor]], warmup: int, steps: int,
-        after_step: Callable[[Tensor, dict[str, Tensor]], None] | None = None,
+        after_step: Callable[[Tensor, dict[str, Tensor]], None] | None = None, round_size: int = 1,
     ) -> float:
         """Seconds per iteration of this method fed by ``batches`` (plus ``after_step``, the loop's own per-step
         work). Fed by the training loader, the timing includes what the loop will wait for: batches that come
         slower than the step, and the loader's share of the host (its pinning thread competes with the kernel
         launches). Every state (weights, BN statistics, optimiser, schedule, RNG) is restored afterwards, so the
         real run starts exactly where an iteration-budget run would. The slowest process sets the pace of a
-        data-parallel run."""
+        data-parallel run.
+
+        Batches stamped by :class:`~cskd.engine.sampling.StampedCollate` (``ready_at``) also give the loader's own
+        pace: the time between the making of the first and the last timed batch, over whole rounds of
+        ``round_size`` (the number of workers, which finish their batches in turn). Timing the steps alone would
+        under-measure a loader that is slower than the step whenever the timed steps consume batches the workers
+        queued earlier; the batches' making times do not depend on the queue. The result is the slower of the two."""
         saved_model = copy.deepcopy(self.step_module.state_dict())
         saved_opt = copy.deepcopy(self.optimizer.state_dict())
         saved_aux = copy.deepcopy(self.auxiliary.state_dict())
         saved_sched = copy.deepcopy(self.scheduler.state_dict())
         rng = capture_rng()
         self.step_module.train()
+        made: list[float] = []
 
         def one_step() -> None:
-            loss, terms = self.step(*self.prepare(next(batches)))
+            batch = next(batches)
+            if "ready_at" in batch:
+                made.append(float(batch["ready_at"]))
+            loss, terms = self.step(*self.prepare(batch))
             if after_step is not None:
                 after_step(loss, terms)
 
         for _ in range(warmup):
             one_step()
         self.sync()
+        made.clear()
         start = time.perf_counter()
         for _ in range(steps):
             one_step()
         self.sync()
         seconds = (time.perf_counter() - start) / steps
+        span = (len(made) - 1) // max(1, round_size) * max(1, round_size)
+        if span > 0:
+            seconds = max(seconds, (made[span] - made[0]) / span)
         seconds = max(all_gather_objects(seconds))
         self.step_module.load_state_dict(saved_model)
         self.optimizer.load_state_dict(saved_opt)

@@ -9,12 +9,13 @@ position is a pure function of the iteration count, so no sampler state has to b
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from ..errors import DataError
 
@@ -89,4 +90,14 @@ class SeededSamples(Dataset):
                 np.random.set_state(np_state)
 
 
-__all__ = ["SeededBatchSampler", "SeededSamples"]
+class StampedCollate:
+    """The default collate, plus ``ready_at``: when the batch was made (``time.monotonic``, one clock for every
+    process of the host), so that a time-budget calibration can read the loader's pace whatever its queue holds."""
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = default_collate(items)
+        batch["ready_at"] = time.monotonic()
+        return batch
+
+
+__all__ = ["SeededBatchSampler", "SeededSamples", "StampedCollate"]

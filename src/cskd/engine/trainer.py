@@ -15,7 +15,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from .config import ExperimentConfig, save_config
 from .records import RunRecorder, read_records
 from .runlock import RunLock
 from .runner import StepRunner
-from .sampling import SeededBatchSampler, SeededSamples
+from .sampling import SeededBatchSampler, SeededSamples, StampedCollate
 
 PREFETCH_BATCHES = 4
 """Batches each loader worker keeps ready."""
@@ -225,18 +225,22 @@ class Trainer:
         LR schedule with it. Nothing to do for an iteration budget, or when planned already (or resumed).
 
         The budget is spent on the loop, not on bare steps, so the calibration runs the loop's per-step bookkeeping
-        on batches from the training loader; its warm-up drains the queue the workers fill at start-up, so that the
-        timed steps see the loader's steady pace (docs/benchmarks.md, "Time budgets")."""
+        on batches from the training loader, stamped with when they were made, so that the loader's own pace
+        counts too (see :meth:`StepRunner.calibrate`; docs/benchmarks.md, "Time budgets"). The warm-up passes the
+        workers' start-up queue plus ``warmup_steps``: a batch is requested from a worker only when the batch a
+        queue's length before it is taken, so the timed batches are made after the slow first steps, not during
+        them. At least one whole round of the workers is timed."""
         if self.total_iterations is not None:
             return
         budget = self.cfg.train.budget
         assert budget.gpu_seconds is not None
         tally = StepTally(self.device)
-        loader = self._make_train_loader(0)
+        workers = self.cfg.data.workers
+        loader = self._make_train_loader(0, collate_fn=StampedCollate())
         batches = iterate_loader(loader)
         self._step_seconds = self.runner.calibrate(
-            batches, max(budget.warmup_steps, self.cfg.data.workers * PREFETCH_BATCHES), budget.calibration_steps,
-            after_step=lambda loss, terms: tally.add(1, loss, terms))
+            batches, workers * PREFETCH_BATCHES + budget.warmup_steps, max(budget.calibration_steps, workers + 1),
+            after_step=lambda loss, terms: tally.add(1, loss, terms), round_size=max(1, workers))
         del batches, loader  # its workers stop now, before the run starts its own
         self.total_iterations = max(1, int(budget.gpu_seconds / self._step_seconds))
         self.runner.set_schedule(self.total_iterations)
@@ -292,7 +296,8 @@ class Trainer:
             raise ConfigError(f"data.val_split={data_cfg.val_split!r} of {data_cfg.dataset} has no labels to "
                               "validate against")
 
-    def _make_train_loader(self, start_batch: int) -> DataLoader:
+    def _make_train_loader(self, start_batch: int,
+                           collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None) -> DataLoader:
         data_cfg = self.cfg.data
         sampler = SeededBatchSampler(
             len(self.train_set), self.batch_per_device, self.cfg.train.seed, self.env.rank, self.env.world_size,
@@ -307,6 +312,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             persistent_workers=data_cfg.workers > 0,
             prefetch_factor=PREFETCH_BATCHES if data_cfg.workers > 0 else None,
+            collate_fn=collate_fn,
         )
 
     def _val_loader(self) -> DataLoader:
