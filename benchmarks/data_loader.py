@@ -5,7 +5,8 @@ in a temporary folder, then
 
 1. times one sample's stages in this process, one thread (what one DataLoader worker does): reading the file,
    decoding the image (torchvision ``decode_image``; Pillow shown for comparison), decoding the label, mapping
-   label ids to train ids, and the training augmentation (random scale 0.5–2, crop 512×1024, flip);
+   label ids to train ids, and the training augmentation (random scale 0.5–2, crop 512×1024, flip); and a whole
+   sample read from the decoded-sample cache (``data.cache``: memory-mapped raw arrays, filled first);
 2. runs the real loader: ``build_dataset("synthscapes", …, build_train_transform((512, 1024)))`` in a
    ``DataLoader`` with ``--workers`` processes and batch ``--batch`` and reports images/s after a warm-up.
 
@@ -14,6 +15,7 @@ second figure that does not: ``images / (worker CPU seconds / workers)`` is the 
 
     python benchmarks/data_loader.py                          # 16 source images, 2 workers, batch 8
     python benchmarks/data_loader.py --images 8 --batches 10  # quicker
+    python benchmarks/data_loader.py --cache                  # the loader reads the decoded-sample cache
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--batches", type=int, default=20, help="timed batches (after 2 warm-up batches)")
+    p.add_argument("--cache", action="store_true", help="the real loader reads the decoded-sample cache")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     crop = tuple(args.crop)
@@ -87,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         stage["augment (scale, crop, flip)"] = _median_ms(lambda i: transform(samples[i]), k)
         stage["whole sample (dataset[i])"] = _median_ms(lambda i: ds[i % n], k)
+        cached = build_dataset("synthscapes", tmp, "train", transform, cache=os.path.join(tmp, "cache"))
+        stage["fill the cache (decode + write)"] = _median_ms(lambda i: cached.load(i), n)
+        stage["whole sample from the cache (dataset[i])"] = _median_ms(lambda i: cached[i % n], k)
+        if args.cache:
+            ds = cached
 
         # 2. the real loader
         sampler = RandomSampler(ds, replacement=True, num_samples=args.batch * (args.batches + 2))
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     augment = stage["map ids → train ids"] + stage["augment (scale, crop, flip)"]
     res = {
         "source": list(args.size), "crop": list(crop), "workers": args.workers, "batch": args.batch,
-        "cpus": os.cpu_count(), "images_per_s": round(ips, 1),
+        "cpus": os.cpu_count(), "cache": args.cache, "images_per_s": round(ips, 1),
         "worker_cpu_s": round(cpu, 2), "images_per_s_idle_cores": round(idle_ips, 1) if idle_ips else None,
         "stage_ms": {k: round(v, 1) for k, v in stage.items()},
         "decode_share": round(decode / (decode + augment), 3), "generation_s": round(gen_s, 1),
@@ -119,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     h, w = args.size
     print(f"DataLoader, synthscapes PNG {h}×{w} → train crop {crop[0]}×{crop[1]}, batch {args.batch}, "
-          f"{args.workers} workers on {os.cpu_count()} CPUs: {ips:.1f} images/s "
+          f"{args.workers} workers on {os.cpu_count()} CPUs{', from the cache' if args.cache else ''}: "
+          f"{ips:.1f} images/s "
           f"({1e3 * loader_s / args.batches:.0f} ms per batch)")
     if idle_ips:
         print(f"worker CPU time {cpu:.1f} s for {total_images} images → {idle_ips:.1f} images/s on {args.workers} "

@@ -55,6 +55,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from ..errors import DataError
+from .cache import DecodedCache
 from .info import (ADE20K, ADE20K_TABLE, CAMVID, CAMVID_TABLE, CITYSCAPES, CITYSCAPES_TABLE, COCOSTUFF,
                    COCOSTUFF_RAW_TABLE, COCOSTUFF_TABLE, SYNTHSCAPES, SYNTHSCAPES_TABLE, VOC, VOC_TABLE, Colour,
                    DatasetInfo, LabelTable)
@@ -267,7 +268,8 @@ class SegmentationDataset(Dataset):
     through ``transform`` if one is given."""
 
     def __init__(self, definition: DatasetDef, root: Path, split: str, samples: list[Sample],
-                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None, skip_bad: bool = False) -> None:
+                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None, skip_bad: bool = False,
+                 cache: DecodedCache | None = None) -> None:
         if not samples:
             raise DataError(f"{definition.info.name}: split {split!r} under {root} has no usable samples")
         self.definition = definition
@@ -276,6 +278,7 @@ class SegmentationDataset(Dataset):
         self.samples = samples
         self.transform = transform
         self.skip_bad = skip_bad
+        self.cache = cache
         self.has_labels = samples[0].label_path is not None
         self._bad: set[int] = set()  # per process (each DataLoader worker keeps its own)
 
@@ -307,16 +310,26 @@ class SegmentationDataset(Dataset):
         return f"SegmentationDataset({self.info.name!r}, split={self.split!r}, root={str(self.root)!r}, n={len(self)})"
 
     def load(self, index: int) -> dict[str, Any]:
-        """Decode sample ``index`` without a transform; raises DataError naming the file on any defect."""
+        """Decode sample ``index`` (or map it from the cache) without a transform; raises DataError naming the file
+        on any defect."""
         s = self.samples[index]
-        image = read_image(s.image_path)
+        cached = self.cache.get(s.image_path, s.label_path) if self.cache is not None else None
+        if cached is not None:
+            image, mask = cached
+        else:
+            image = read_image(s.image_path)
+            mask = None
+            if s.label_path is not None:
+                raw = read_label(s.label_path)
+                if raw.shape != tuple(image.shape[1:]):
+                    raise DataError(f"{s.label_path}: label is {raw.shape[0]}×{raw.shape[1]} but its image "
+                                    f"{s.image_path} is {image.shape[1]}×{image.shape[2]}")
+                mask = torch.from_numpy(map_label(raw, self.table, s.label_path))
+            if self.cache is not None:
+                self.cache.put(s.image_path, s.label_path, image, None if mask is None else mask.numpy())
         out: dict[str, Any] = {"image": tv_tensors.Image(image)}
-        if s.label_path is not None:
-            raw = read_label(s.label_path)
-            if raw.shape != tuple(image.shape[1:]):
-                raise DataError(f"{s.label_path}: label is {raw.shape[0]}×{raw.shape[1]} but its image "
-                                f"{s.image_path} is {image.shape[1]}×{image.shape[2]}")
-            out["mask"] = tv_tensors.Mask(torch.from_numpy(map_label(raw, self.table, s.label_path)))
+        if mask is not None:
+            out["mask"] = tv_tensors.Mask(mask)
         out["name"] = s.name
         out["index"] = index
         return out
@@ -346,9 +359,10 @@ class SegmentationDataset(Dataset):
 
 def build_dataset(name: str, root: str | Path, split: str,
                   transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None, *,
-                  skip_bad: bool = False) -> SegmentationDataset:
+                  skip_bad: bool = False, cache: str | Path | None = None) -> SegmentationDataset:
     """The ``split`` of dataset ``name`` under ``root``. Raises DataError now for an unknown name or split, a
-    missing root, an empty split and (unless ``skip_bad``) missing label files."""
+    missing root, an empty split and (unless ``skip_bad``) missing label files. ``cache``: a folder for decoded
+    samples (:mod:`cskd.data.cache`)."""
     d = get_def(name)
     root = Path(root).expanduser()
     samples = list_split(name, root, split)
@@ -363,7 +377,8 @@ def build_dataset(name: str, root: str | Path, split: str,
                       f"file (e.g. {missing[0].label_path})", BadSampleWarning, stacklevel=2)
         gone = {id(s) for s in missing}
         samples = [s for s in samples if id(s) not in gone]
-    return SegmentationDataset(d, root, split, samples, transform, skip_bad)
+    return SegmentationDataset(d, root, split, samples, transform, skip_bad,
+                               DecodedCache(cache, name, d.table) if cache is not None else None)
 
 
 __all__ = ["BadSampleWarning", "DATASETS", "DatasetDef", "Sample", "SegmentationDataset", "build_dataset",

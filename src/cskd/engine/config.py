@@ -48,6 +48,9 @@ class DataConfig:
     """Skip unreadable / invalid samples with a counted warning instead of stopping."""
     synthetic: SynthConfig | None = None
     """For dataset ``synthscapes``: generate the data under ``root`` first if it is not there."""
+    cache: str | None = None
+    """A folder for decoded samples (raw uint8, memory-mapped; 4 bytes a pixel on disk): filled on first use, then
+    read instead of decoding the files (:mod:`cskd.data.cache`). Null: decode every time."""
 
     def __post_init__(self) -> None:
         if min(self.crop_size) < 1:

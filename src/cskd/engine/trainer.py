@@ -284,13 +284,14 @@ class Trainer:
                 synth = data_cfg.synthetic
                 ensure(data_cfg.root, synth.train, synth.val, synth.size, synth.seed)
             barrier()
-        train_ds = build_dataset(data_cfg.dataset, data_cfg.root, data_cfg.train_split, skip_bad=data_cfg.skip_bad)
+        train_ds = build_dataset(data_cfg.dataset, data_cfg.root, data_cfg.train_split, skip_bad=data_cfg.skip_bad,
+                                 cache=data_cfg.cache)
         transform = build_train_transform(data_cfg.crop_size, data_cfg.scale_range, data_cfg.hflip)
         self.train_set = SeededSamples(train_ds, transform, self.cfg.train.seed)
         self.dataset_info = train_ds.info
         self.num_classes = train_ds.num_classes
         self.val_set = build_dataset(data_cfg.dataset, data_cfg.root, data_cfg.val_split, build_eval_transform(),
-                                     skip_bad=data_cfg.skip_bad)
+                                     skip_bad=data_cfg.skip_bad, cache=data_cfg.cache)
         self._val: DataLoader | None = None  # built at the first validation (see _val_loader)
         if not self.val_set.has_labels:
             raise ConfigError(f"data.val_split={data_cfg.val_split!r} of {data_cfg.dataset} has no labels to "
