@@ -42,6 +42,7 @@ reproducible.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Callable
@@ -59,7 +60,7 @@ from .cache import DecodedCache
 from .info import (ADE20K, ADE20K_TABLE, CAMVID, CAMVID_TABLE, CITYSCAPES, CITYSCAPES_TABLE, COCOSTUFF,
                    COCOSTUFF_RAW_TABLE, COCOSTUFF_TABLE, SYNTHSCAPES, SYNTHSCAPES_TABLE, VOC, VOC_TABLE, Colour,
                    DatasetInfo, LabelTable)
-from .io import map_label, read_image, read_label
+from .io import map_label, read_encoded_image, read_image, read_label
 
 
 class Sample(NamedTuple):
@@ -265,11 +266,16 @@ def list_split(name: str, root: str | Path, split: str) -> list[Sample]:
 class SegmentationDataset(Dataset):
     """Decoded samples as dicts: ``image`` (tv_tensors.Image, uint8 3×H×W), ``mask`` (tv_tensors.Mask, uint8
     H×W train ids, 255 = ignore; absent when the split has no labels), ``name`` (str) and ``index`` (int), passed
-    through ``transform`` if one is given."""
+    through ``transform`` if one is given.
+
+    With ``encoded_images`` (``data.decode: gpu``; see :meth:`with_encoded_images`) the image is not decoded: the
+    sample holds ``image_encoded`` (the file's bytes), ``image_size`` ((H, W) from its header), ``image_nvjpeg``
+    (whether nvJPEG can decode it) and ``image_path`` (str, for error messages) instead of ``image``; the label is
+    decoded and checked as always."""
 
     def __init__(self, definition: DatasetDef, root: Path, split: str, samples: list[Sample],
                  transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None, skip_bad: bool = False,
-                 cache: DecodedCache | None = None) -> None:
+                 cache: DecodedCache | None = None, encoded_images: bool = False) -> None:
         if not samples:
             raise DataError(f"{definition.info.name}: split {split!r} under {root} has no usable samples")
         self.definition = definition
@@ -279,8 +285,16 @@ class SegmentationDataset(Dataset):
         self.transform = transform
         self.skip_bad = skip_bad
         self.cache = cache
+        self.encoded_images = encoded_images
         self.has_labels = samples[0].label_path is not None
         self._bad: set[int] = set()  # per process (each DataLoader worker keeps its own)
+
+    def with_encoded_images(self) -> SegmentationDataset:
+        """This dataset (the same samples, transform and bad-data policy) handing out images still encoded."""
+        clone = copy.copy(self)
+        clone.encoded_images = True
+        clone._bad = set()
+        return clone
 
     # The interface the engine and the metrics use.
     @property
@@ -310,9 +324,18 @@ class SegmentationDataset(Dataset):
         return f"SegmentationDataset({self.info.name!r}, split={self.split!r}, root={str(self.root)!r}, n={len(self)})"
 
     def load(self, index: int) -> dict[str, Any]:
-        """Decode sample ``index`` (or map it from the cache) without a transform; raises DataError naming the file
-        on any defect."""
+        """Decode sample ``index`` (or map it from the cache) without a transform (with ``encoded_images``, the image
+        is left encoded and the cache is not used); raises DataError naming the file on any defect found."""
         s = self.samples[index]
+        if self.encoded_images:
+            encoded = read_encoded_image(s.image_path)
+            out: dict[str, Any] = {"image_encoded": encoded.data, "image_size": encoded.size,
+                                   "image_nvjpeg": encoded.nvjpeg, "image_path": str(s.image_path)}
+            if s.label_path is not None:
+                out["mask"] = tv_tensors.Mask(self._read_mask(s, encoded.size))
+            out["name"] = s.name
+            out["index"] = index
+            return out
         cached = self.cache.get(s.image_path, s.label_path) if self.cache is not None else None
         if cached is not None:
             image, mask = cached
@@ -320,19 +343,24 @@ class SegmentationDataset(Dataset):
             image = read_image(s.image_path)
             mask = None
             if s.label_path is not None:
-                raw = read_label(s.label_path)
-                if raw.shape != tuple(image.shape[1:]):
-                    raise DataError(f"{s.label_path}: label is {raw.shape[0]}×{raw.shape[1]} but its image "
-                                    f"{s.image_path} is {image.shape[1]}×{image.shape[2]}")
-                mask = torch.from_numpy(map_label(raw, self.table, s.label_path))
+                mask = self._read_mask(s, (int(image.shape[1]), int(image.shape[2])))
             if self.cache is not None:
                 self.cache.put(s.image_path, s.label_path, image, None if mask is None else mask.numpy())
-        out: dict[str, Any] = {"image": tv_tensors.Image(image)}
+        out = {"image": tv_tensors.Image(image)}
         if mask is not None:
             out["mask"] = tv_tensors.Mask(mask)
         out["name"] = s.name
         out["index"] = index
         return out
+
+    def _read_mask(self, s: Sample, size: tuple[int, int]) -> torch.Tensor:
+        """The train-id label of ``s`` (H×W uint8), checked against its image's size (H, W)."""
+        assert s.label_path is not None
+        raw = read_label(s.label_path)
+        if raw.shape != size:
+            raise DataError(f"{s.label_path}: label is {raw.shape[0]}×{raw.shape[1]} but its image "
+                            f"{s.image_path} is {size[0]}×{size[1]}")
+        return torch.from_numpy(map_label(raw, self.table, s.label_path))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self.samples)
