@@ -63,15 +63,24 @@ def is_encoded(batch: dict[str, Any]) -> bool:
     return ENCODED_KEY in batch
 
 
-def resolve_decode(setting: str, device: torch.device, image_paths: Sequence[str | Path]) -> Literal["cpu", "gpu"]:
+def resolve_decode(setting: str, device: torch.device, image_paths: Sequence[str | Path],
+                   cached: bool = False) -> Literal["cpu", "gpu"]:
     """Where the training images are decoded for ``data.decode`` = ``setting`` on ``device``, given the training
     split's image files: ``auto`` = ``gpu`` on CUDA when every file is a JPEG (.jpg/.jpeg) and torchvision decodes
-    JPEGs on this GPU, else ``cpu``. ``gpu`` where that does not hold is a ConfigError naming the key."""
+    JPEGs on this GPU, else ``cpu``. ``gpu`` where that does not hold is a ConfigError naming the key. ``cached``
+    (``data.cache`` is set): the CPU path's decoded-sample cache leaves nothing to decode, so ``auto`` is ``cpu``
+    and ``gpu`` an error naming both keys."""
     device = torch.device(device)
     if setting == "cpu":
         return "cpu"
     if setting not in ("auto", "gpu"):
         raise ConfigError(f"data.decode must be one of 'auto', 'cpu', 'gpu', got {setting!r}")
+    if cached:
+        if setting == "auto":
+            return "cpu"
+        raise ConfigError("data.decode=gpu and data.cache exclude each other: the cache keeps decoded samples for "
+                          "the loader workers (memory-mapped, nothing left to decode); set data.cache: null, or "
+                          "data.decode: auto or cpu")
     cuda = device.type == "cuda"
     if not cuda:
         if setting == "auto":

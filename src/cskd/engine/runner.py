@@ -193,10 +193,15 @@ class StepRunner:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def prepare(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """uint8 images and masks from the loader → normalised float images and int64 labels on the device."""
+        """uint8 images and masks from the loader → normalised float images and int64 labels on the device. A batch
+        of still-encoded JPEGs (``data.decode: gpu``) is decoded and augmented on the device first."""
+        from ..data.gpu_decode import decode_batch, is_encoded
         from ..data.normalize import normalize
 
-        images = batch["image"].to(self.device, non_blocking=True)
+        if is_encoded(batch):
+            images = decode_batch(batch, self.device)
+        else:
+            images = batch["image"].to(self.device, non_blocking=True)
         masks = batch["mask"].to(self.device, non_blocking=True).long()
         x = normalize(images)
         if self.channels_last:

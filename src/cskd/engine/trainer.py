@@ -275,6 +275,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         from ..data import build_dataset, build_eval_transform, build_train_transform
+        from ..data.gpu_decode import resolve_decode
 
         data_cfg = self.cfg.data
         if data_cfg.synthetic is not None:
@@ -286,7 +287,13 @@ class Trainer:
             barrier()
         train_ds = build_dataset(data_cfg.dataset, data_cfg.root, data_cfg.train_split, skip_bad=data_cfg.skip_bad,
                                  cache=data_cfg.cache)
-        transform = build_train_transform(data_cfg.crop_size, data_cfg.scale_range, data_cfg.hflip)
+        # data.decode: training JPEGs left encoded for StepRunner.prepare to decode on the GPU (cskd.data.gpu_decode)
+        self.decode = resolve_decode(data_cfg.decode, self.device, [s.image_path for s in train_ds.samples],
+                                     cached=data_cfg.cache is not None)
+        if self.decode == "gpu":
+            train_ds = train_ds.with_encoded_images()
+        transform = build_train_transform(data_cfg.crop_size, data_cfg.scale_range, data_cfg.hflip,
+                                          encoded=self.decode == "gpu")
         self.train_set = SeededSamples(train_ds, transform, self.cfg.train.seed)
         self.dataset_info = train_ds.info
         self.num_classes = train_ds.num_classes
@@ -490,6 +497,8 @@ class Trainer:
         if cache is not None:
             state = "pre-loaded from artifacts.bin" if cache.loaded else "no artifacts.bin yet"
             recorder.message(f"compile cache: {cache.folder} (key {cache.key}; {state})")
+        if self.decode == "gpu":
+            recorder.message(f"data: training JPEGs decoded on {self.device} (data.decode={cfg.data.decode})")
         if self.runner.teacher is not None and cfg.teacher is not None and not cfg.teacher.weights:
             recorder.message("warning: the teacher has random weights (teacher.weights is not set)")
         if self._step_seconds is not None and self.iteration == 0:
