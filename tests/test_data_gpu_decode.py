@@ -26,7 +26,7 @@ from cskd.data.transforms import PLAN_FIELDS, RandomScaleCrop, read_plan
 from cskd.data.workers import iterate
 from cskd.engine.config import config_from_dict
 from cskd.engine.records import read_records
-from cskd.engine.sampling import SeededBatchSampler, SeededSamples
+from cskd.engine.sampling import SeededBatchSampler, SeededSamples, StampedCollate
 from cskd.engine.trainer import Trainer
 from cskd.errors import ConfigError, DataError
 
@@ -138,6 +138,14 @@ def test_decode_batch_on_the_cpu_gives_the_cpu_path_exactly(voc_root):
     nvjpeg = torch.cat([e["image_nvjpeg"] for e in got_enc]).tolist()
     names = [n for e in got_enc for n in e["name"]]
     assert {n for n, ok in zip(names, nvjpeg) if not ok} == {"2007_000003", "2007_000005"}  # CMYK, PNG
+
+
+def test_the_time_budget_calibrations_stamped_batches_decode_too(voc_root):
+    cpu, enc = _pair(voc_root)
+    keys = [(0, k) for k in range(4)]
+    stamped = StampedCollate()([enc[k] for k in keys])  # what Trainer.plan_budget's loader collates
+    assert "ready_at" in stamped and is_encoded(stamped)
+    assert torch.equal(decode_batch(stamped, "cpu"), StampedCollate()([cpu[k] for k in keys])["image"])
 
 
 def test_decode_batch_pads_with_the_fill_and_flips_the_padding_too(voc_root):
