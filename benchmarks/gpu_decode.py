@@ -3,7 +3,9 @@ the GPU (``data.decode: gpu``), on generated full-resolution JPEGs.
 
 1. Writes ``--images`` synthetic street scenes of ``--size`` as JPEGs (``--quality``) with PNG labels in the VOC
    layout (``JPEGImages/``, ``SegmentationClassAug/``, ``train_aug.txt``) into ``--data`` (kept and reused when
-   given; a temporary folder otherwise). Every 16th image is greyscale, as in COCO and ADE20K.
+   given; a temporary folder otherwise). Every 16th image is greyscale, as in COCO and ADE20K; ``--progressive``
+   is the share written as progressive JPEGs (nvJPEG decodes those on its hybrid path, Huffman on the host, in the
+   training process: the slow case).
 2. For each of ``--modes``, builds the training data exactly as the Trainer does for that ``data.decode``
    (dataset, transform, ``SeededSamples``, ``SeededBatchSampler``, a DataLoader with ``--workers`` workers,
    pin_memory on CUDA, 4 batches prefetched per worker) and times ``--batches`` batches of: next batch, then what
@@ -56,29 +58,30 @@ from cskd.timing import cpu_name
 PREFETCH = 4  # as the Trainer (cskd.engine.trainer.PREFETCH_BATCHES)
 
 
-def _write_one(task: tuple[str, int, tuple[int, int], int]) -> int:
-    root, k, size, quality = task
+def _write_one(task: tuple[str, int, tuple[int, int], int, bool]) -> int:
+    root, k, size, quality, progressive = task
     img, lab = render_sample(0, "train", k, size)
     voc = Path(root) / "VOC2012"
     im = Image.fromarray(img)
     if k % 16 == 15:
         im = im.convert("L")
-    im.save(voc / "JPEGImages" / f"{k:06d}.jpg", quality=quality)
+    im.save(voc / "JPEGImages" / f"{k:06d}.jpg", quality=quality, progressive=progressive)
     Image.fromarray((lab % 21).astype(np.uint8)).save(voc / "SegmentationClassAug" / f"{k:06d}.png")
     return (voc / "JPEGImages" / f"{k:06d}.jpg").stat().st_size
 
 
-def make_data(root: Path, n: int, size: tuple[int, int], quality: int) -> float:
+def make_data(root: Path, n: int, size: tuple[int, int], quality: int, progressive: float = 0.0) -> float:
     """The VOC-layout tree (reused when it holds the same images); returns the mean JPEG size in kB."""
     voc = root / "VOC2012"
     stamp = voc / "benchmark.json"
-    want = {"n": n, "size": list(size), "quality": quality}
+    want = {"n": n, "size": list(size), "quality": quality, "progressive": progressive}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         files = sorted((voc / "JPEGImages").glob("*.jpg"))
         return sum(f.stat().st_size for f in files) / len(files) / 1e3
     for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
         (voc / sub).mkdir(parents=True, exist_ok=True)
-    tasks = [(str(root), k, size, quality) for k in range(n + 1)]
+    every = round(1 / progressive) if progressive > 0 else 0
+    tasks = [(str(root), k, size, quality, bool(every) and k % every == 0) for k in range(n + 1)]
     with mp.get_context("fork").Pool(max(1, min(os.cpu_count() or 1, 16))) as pool:
         sizes = pool.map(_write_one, tasks)
     ids = [f"{k:06d}" for k in range(n + 1)]
@@ -219,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", nargs=2, type=int, default=(480, 640), metavar=("H", "W"),
                    help="source size (480×640: COCO's; ADE20K and VOC are about 512×683 and 375×500)")
     p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--progressive", type=float, default=0.0, help="share of progressive JPEGs (0-1)")
     p.add_argument("--crop", nargs=2, type=int, default=(512, 512), metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=8, help="per GPU (the recipes: 16 over 2 GPUs)")
     p.add_argument("--workers", type=int, default=8)
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data) if args.data else Path(tmp) / "voc"
         t = time.perf_counter()
-        kb = make_data(root, args.images, tuple(args.size), args.quality)
+        kb = make_data(root, args.images, tuple(args.size), args.quality, args.progressive)
         print(f"{args.images} JPEG scenes {args.size[0]}×{args.size[1]} (quality {args.quality}, {kb:.0f} kB on "
               f"average) in {root} ({time.perf_counter() - t:.0f} s)", flush=True)
         paths = [s.image_path for s in build_dataset("voc", root, "train").samples]
@@ -256,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     res = {"device": name, "cpus": os.cpu_count(), "torch": torch.__version__,
            "torchvision": torchvision.__version__, "python": platform.python_version(),
-           "source": list(args.size), "jpeg_kb": round(kb, 1), "crop": list(args.crop), "batch": args.batch,
+           "source": list(args.size), "jpeg_kb": round(kb, 1), "progressive": args.progressive, "crop": list(args.crop), "batch": args.batch,
            "workers": args.workers, "step_ms": args.step_ms, "modes": rows, "check": check, "race": race,
            "refused_by_nvjpeg": dict(gpu_decode._refused)}
     print(f"\n{name}: JPEG {args.size[0]}×{args.size[1]} → crop {args.crop[0]}×{args.crop[1]}, batch {args.batch}, "

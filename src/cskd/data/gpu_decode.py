@@ -15,6 +15,8 @@ main process and the rest of the batch stays on the GPU: files whose header is n
 (CMYK, a PNG named .jpg), and files nvJPEG refuses (each is tried alone, warned about once, and not offered to
 nvJPEG again in this process). A file neither can decode is a DataError naming it; ``data.skip_bad`` cannot
 replace it at that point (its label has been cropped already), so the message says how to find such files.
+Baseline JPEGs go to the GPU's hardware decoder where it has one (A100, H100, H200); progressive ones take
+nvJPEG's hybrid path, whose Huffman decoding runs on the host, in the training process.
 
 Streams. torchvision allocates the decoded images on the *current* stream and decodes on a private one without
 waiting for the current stream; the caching allocator may then hand it memory that kernels still queued on the
