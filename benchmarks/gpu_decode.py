@@ -260,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     res = {"device": name, "cpus": os.cpu_count(), "torch": torch.__version__,
            "torchvision": torchvision.__version__, "python": platform.python_version(),
-           "source": list(args.size), "jpeg_kb": round(kb, 1), "progressive": args.progressive, "crop": list(args.crop), "batch": args.batch,
-           "workers": args.workers, "step_ms": args.step_ms, "modes": rows, "check": check, "race": race,
+           "source": list(args.size), "jpeg_kb": round(kb, 1), "progressive": args.progressive,
+           "crop": list(args.crop), "batch": args.batch, "workers": args.workers, "step_ms": args.step_ms,
+           "modes": rows, "check": check, "race": race,
            "refused_by_nvjpeg": dict(gpu_decode._refused)}
     print(f"\n{name}: JPEG {args.size[0]}×{args.size[1]} → crop {args.crop[0]}×{args.crop[1]}, batch {args.batch}, "
           f"{args.workers} workers, {args.batches} batches" + (f", {args.step_ms} ms simulated step" if

@@ -170,11 +170,13 @@ def test_auto_picks_the_cpu_without_cuda_and_gpu_is_refused_naming_the_key(voc_r
     with pytest.raises(ConfigError, match=r"data\.decode=gpu needs a CUDA training device"):
         resolve_decode("gpu", cpu, paths)
     cfg = config_from_dict(_config(voc_root, tmp_path / "a", "gpu"))
-    with pytest.raises(ConfigError, match=r"data\.decode=gpu needs a CUDA training device, but train\.device gives cpu"):
+    with pytest.raises(ConfigError, match=r"data\.decode=gpu needs a CUDA training device, but train\.device "
+                                          r"gives cpu"):
         Trainer(cfg, progress=False)
     trainer = Trainer(config_from_dict(_config(voc_root, tmp_path / "b", "auto")), progress=False)
     assert trainer.decode == "cpu" and not is_encoded(trainer.train_set[(0, 0)])
-    with pytest.raises(ConfigError, match=r"key 'data\.decode' has value 'nvjpeg'; expected one of 'auto', 'cpu', 'gpu'"):
+    with pytest.raises(ConfigError, match=r"key 'data\.decode' has value 'nvjpeg'; expected one of 'auto', 'cpu', "
+                                          r"'gpu'"):
         config_from_dict(_config(voc_root, tmp_path / "c", "nvjpeg"))
 
 
