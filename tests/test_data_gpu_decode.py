@@ -180,6 +180,18 @@ def test_auto_picks_the_cpu_without_cuda_and_gpu_is_refused_naming_the_key(voc_r
         config_from_dict(_config(voc_root, tmp_path / "c", "nvjpeg"))
 
 
+def test_the_decoded_sample_cache_keeps_auto_on_the_cpu_and_refuses_gpu(voc_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_decode, "_ALLOW_CPU_DEVICE", True)
+    paths = [s.image_path for s in build_dataset("voc", voc_root, "train").samples]
+    assert resolve_decode("auto", torch.device("cuda"), paths, cached=True) == "cpu"  # no probe, no CUDA needed
+    with pytest.raises(ConfigError, match=r"data\.decode=gpu and data\.cache exclude each other"):
+        resolve_decode("gpu", torch.device("cpu"), paths, cached=True)
+    raw = _config(voc_root, tmp_path / "run", "gpu")
+    raw["data"]["cache"] = str(tmp_path / "cache")
+    with pytest.raises(ConfigError, match=r"data\.decode=gpu and data\.cache"):
+        Trainer(config_from_dict(raw), progress=False)
+
+
 def test_gpu_decode_of_a_png_split_is_refused_naming_the_key(monkeypatch):
     monkeypatch.setattr(gpu_decode, "_ALLOW_CPU_DEVICE", True)
     paths = [Path("a/x.jpg"), Path("a/y.png")]
