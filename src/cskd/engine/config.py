@@ -44,11 +44,12 @@ class DataConfig:
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
     workers: int = 4
-    decode: Literal["auto", "cpu", "gpu"] = "auto"
+    decode: Literal["auto", "cpu", "gpu"] = "cpu"
     """Where training images are decoded: ``cpu`` in the loader workers; ``gpu`` JPEGs batched through nvJPEG on the
     training GPU, scaled, cropped and flipped there (the same draws; labels stay on the CPU); ``auto`` = gpu when
     training on CUDA and every training image is a JPEG (VOC, ADE20K, COCO-Stuff), else cpu. Validation always
-    decodes on the CPU. See cskd/data/gpu_decode.py."""
+    decodes on the CPU. The default stays ``cpu`` until the GPU path is measured on a GPU (docs/benchmarks.md §4).
+    See cskd/data/gpu_decode.py."""
     skip_bad: bool = False
     """Skip unreadable / invalid samples with a counted warning instead of stopping."""
     synthetic: SynthConfig | None = None
