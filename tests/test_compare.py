@@ -19,19 +19,10 @@ from cskd.losses.base import DistillLoss, register_loss
 from cskd.losses.methods import METHODS, Method
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cskd.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, n_train=8, n_val=2, size=(32, 64), seed=0, workers=1)
-    return root
-
-
-def write_config(tmp: Path, synth: Path, iterations: int = 3) -> Path:
+def write_config(tmp: Path, synth_root: Path, iterations: int = 3) -> Path:
     cfg = {
         "name": "toy",
-        "data": {"dataset": "synthscapes", "root": str(synth), "crop_size": [32, 64], "workers": 0},
+        "data": {"dataset": "synthscapes", "root": str(synth_root), "crop_size": [32, 64], "workers": 0},
         "model": {"model": "deeplabv3", "backbone": "mobilenetv2"},
         "teacher": {"model": "deeplabv3", "backbone": "mobilenetv2"},
         "train": {"budget": {"iterations": iterations, "warmup_steps": 1, "calibration_steps": 2},
@@ -43,11 +34,11 @@ def write_config(tmp: Path, synth: Path, iterations: int = 3) -> Path:
     return path
 
 
-def test_two_methods_two_seeds_both_budgets(synth: Path, tmp_path: Path) -> None:
+def test_two_methods_two_seeds_both_budgets(synth_root: Path, tmp_path: Path) -> None:
     from cskd.cli import main
 
     out = tmp_path / "cmp"
-    assert main(["compare", str(write_config(tmp_path, synth)), "--methods", "baseline,kd", "--seeds", "2",
+    assert main(["compare", str(write_config(tmp_path, synth_root)), "--methods", "baseline,kd", "--seeds", "2",
                  "--out", str(out), "--no-progress", "--val-points", "2"]) == 0
     report = (out / "report.md").read_text()
     assert "## Equal iterations (3 per run)" in report and "## Equal training time" in report
@@ -76,20 +67,20 @@ class _AlwaysNaN(DistillLoss):
         return {"broken": student.logits.mean() * float("nan")}
 
 
-def test_a_failing_method_is_reported_and_the_others_go_on(synth: Path, tmp_path: Path,
+def test_a_failing_method_is_reported_and_the_others_go_on(synth_root: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from cskd.studies import compare
 
     monkeypatch.setitem(METHODS, "broken", Method("broken", ({"name": "_test_compare_nan"},), "always NaN"))
-    plan = compare.plan(write_config(tmp_path, synth), ("baseline", "broken"), seeds=1,
+    plan = compare.plan(write_config(tmp_path, synth_root), ("baseline", "broken"), seeds=1,
                              budgets=("iterations",), out=tmp_path / "cmp")
     report = compare.run(plan, progress=False).read_text()
     assert "| broken |" in report and "failed" in report and "non-finite loss" in report
     assert "| baseline |" in report and "| failed |" not in report.split("| baseline |")[1].split("\n")[0]
 
 
-def test_killed_comparison_resumes_and_skips_finished_runs(synth: Path, tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, synth, iterations=6)
+def test_killed_comparison_resumes_and_skips_finished_runs(synth_root: Path, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, synth_root, iterations=6)
     out = tmp_path / "cmp"
     cmd = [sys.executable, "-m", "cskd", "compare", str(cfg), "--methods", "baseline,kd", "--seeds", "1",
            "--budget", "iterations", "--out", str(out), "--no-progress"]
@@ -112,11 +103,11 @@ def test_killed_comparison_resumes_and_skips_finished_runs(synth: Path, tmp_path
     assert "| baseline |" in report and "| kd |" in report
 
 
-def test_a_run_folder_of_another_config_is_refused(synth: Path, tmp_path: Path) -> None:
+def test_a_run_folder_of_another_config_is_refused(synth_root: Path, tmp_path: Path) -> None:
     from cskd.studies import compare
     from cskd.errors import ConfigError
 
-    cfg = write_config(tmp_path, synth, iterations=2)
+    cfg = write_config(tmp_path, synth_root, iterations=2)
     compare.run(compare.plan(cfg, ("baseline",), seeds=1, budgets=("iterations",), out=tmp_path / "c"),
                 progress=False)
     plan = compare.plan(cfg, ("baseline",), seeds=1, budgets=("iterations",), out=tmp_path / "c",
@@ -125,12 +116,12 @@ def test_a_run_folder_of_another_config_is_refused(synth: Path, tmp_path: Path) 
         compare.run(plan, progress=False)
 
 
-def test_set_on_a_methods_terms_reaches_compares_runs(synth: Path, tmp_path: Path) -> None:
+def test_set_on_a_methods_terms_reaches_compares_runs(synth_root: Path, tmp_path: Path) -> None:
     """``cskd compare --set losses.N.key=value``: compare rebuilds each run's losses from the method's name; the
     override is applied to each method that has a term N (issue #22 item 4 for compare)."""
     from cskd.studies import compare
 
-    cfg = write_config(tmp_path, synth)
+    cfg = write_config(tmp_path, synth_root)
     plan = compare.plan(cfg, ("baseline", "kd", "cskd"), seeds=1, budgets=("iterations",),
                              out=tmp_path / "out", overrides=("losses.1.lambda_cam=0.5", "train.lr=0.02"))
     runs = {m: compare.run_config(plan, "iterations", m, 0, None) for m in plan.methods}

@@ -29,19 +29,21 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
+def seed3_tree(tmp_path_factory) -> Path:
+    """The generator's own subject: 4 + 2 images at 64×128, seed 3, written by two workers (not the shared
+    ``synth_root`` of conftest.py, whose size and seed the engine tests rely on)."""
+    root = tmp_path_factory.mktemp("synth_seed3")
     synthetic.generate(root, 4, 2, SIZE, seed=3, workers=2)
     return root
 
 
-def test_layout_and_manifest(synth_root):
-    imgs = sorted((synth_root / "leftImg8bit").rglob("*_leftImg8bit.png"))
-    labs = sorted((synth_root / "gtFine").rglob("*_gtFine_labelIds.png"))
+def test_layout_and_manifest(seed3_tree):
+    imgs = sorted((seed3_tree / "leftImg8bit").rglob("*_leftImg8bit.png"))
+    labs = sorted((seed3_tree / "gtFine").rglob("*_gtFine_labelIds.png"))
     assert len(imgs) == len(labs) == 6
-    assert imgs[0].relative_to(synth_root).as_posix() == \
+    assert imgs[0].relative_to(seed3_tree).as_posix() == \
         "leftImg8bit/train/synthtrain00/synthtrain00_000000_000019_leftImg8bit.png"
-    m = json.loads((synth_root / "manifest.json").read_text())
+    m = json.loads((seed3_tree / "manifest.json").read_text())
     assert m["seed"] == 3 and m["size"] == list(SIZE) and m["splits"] == {"train": 4, "val": 2}
     assert m["generator_version"] == synthetic.GENERATOR_VERSION
     for split in ("train", "val"):
@@ -52,20 +54,20 @@ def test_layout_and_manifest(synth_root):
     assert "road" in synthetic.format_frequencies(m)
 
 
-def test_same_seed_same_bytes_whatever_the_worker_count(synth_root, tmp_path):
+def test_same_seed_same_bytes_whatever_the_worker_count(seed3_tree, tmp_path):
     synthetic.generate(tmp_path / "one", 4, 2, SIZE, seed=3, workers=1)
-    assert tree_bytes(tmp_path / "one") == tree_bytes(synth_root)
+    assert tree_bytes(tmp_path / "one") == tree_bytes(seed3_tree)
     synthetic.generate(tmp_path / "other", 4, 2, SIZE, seed=4, workers=1)
     other = tree_bytes(tmp_path / "other")
-    assert other.keys() == tree_bytes(synth_root).keys()
-    assert all(other[k] != v for k, v in tree_bytes(synth_root).items())
+    assert other.keys() == tree_bytes(seed3_tree).keys()
+    assert all(other[k] != v for k, v in tree_bytes(seed3_tree).items())
 
 
-def test_loader_reads_it_with_its_own_train_ids(synth_root):
+def test_loader_reads_it_with_its_own_train_ids(seed3_tree):
     info = dataset_info("synthscapes")
     assert info.num_classes >= 10
-    ds = build_dataset("synthscapes", synth_root, "train")
-    assert len(ds) == 4 and len(build_dataset("synthscapes", synth_root, "val")) == 2
+    ds = build_dataset("synthscapes", seed3_tree, "train")
+    assert len(ds) == 4 and len(build_dataset("synthscapes", seed3_tree, "val")) == 2
     seen = set()
     for i in range(len(ds)):
         s = ds[i]

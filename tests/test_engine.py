@@ -27,15 +27,6 @@ from cskd.checkpoints import safe_load
 TINY = (32, 64)
 
 
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cskd.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, n_train=12, n_val=3, size=TINY, seed=0, workers=1)
-    return root
-
-
 def tiny_config(root: Path, out: Path, losses: list[dict] | None = None, **train: object) -> dict:
     cfg = {
         "name": "tiny",

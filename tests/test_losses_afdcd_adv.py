@@ -274,15 +274,6 @@ def test_skd_and_ifvd_recipes_include_the_adversarial_term():
 TINY = (32, 64)
 
 
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cskd.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, n_train=12, n_val=3, size=TINY, seed=0, workers=1)
-    return root
-
-
 def tiny(root: Path, out: Path, method: str | None = None, losses: list | None = None, **train: object) -> dict:
     cfg = {
         "name": "tiny", "output_dir": str(out),

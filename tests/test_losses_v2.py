@@ -383,15 +383,6 @@ def test_student_maps_of_other_size_and_width_are_resized_to_the_teacher(name, p
 # ------------------------------------------------------------------------------------------------ engine
 
 
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    from cskd.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("synth_v2")
-    generate(root, n_train=6, n_val=2, size=(32, 64), seed=0, workers=1)
-    return root
-
-
 @pytest.mark.parametrize("method", ["dist", "dsd", "cirkdv2", "featkd"])
 def test_method_runs_two_iterations_with_a_resnet18_student(synth_root, tmp_path, method):
     from cskd.engine.config import config_from_dict

@@ -149,15 +149,6 @@ def test_class_counts_must_agree(name: str) -> None:
 TINY = (32, 64)
 
 
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cskd.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, n_train=6, n_val=2, size=TINY, seed=0, workers=1)
-    return root
-
-
 @pytest.mark.parametrize("teacher,student,method,train", [
     (CNN, VIT, "cskd", {"optimizer": "adamw", "lr": 2e-4}),  # DeepLabV3-R18 (1/8) → SegFormer-MiT-B0 (1/4)
     (VIT, CNN, "kd", {}),  # SegFormer-MiT-B0 (1/4) → DeepLabV3-R18 (1/8)

@@ -23,7 +23,7 @@ from cskd.engine.config import config_from_dict
 from cskd.engine.trainer import Trainer
 from cskd.errors import TrainingError
 
-from test_engine import synth_root, tiny_config  # noqa: F401  (synth_root is a fixture)
+from test_engine import tiny_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

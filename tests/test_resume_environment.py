@@ -9,7 +9,6 @@ import pytest
 import torch
 from test_engine import tiny_config
 
-from cskd.data.synthetic import generate
 from cskd.checkpoints.files import resume_difference, run_environment
 from cskd.engine.config import config_from_dict
 from cskd.engine.trainer import Trainer
@@ -27,10 +26,9 @@ def test_resume_difference() -> None:
     assert "bit-identical" in note and f"OMP_NUM_THREADS={here['threads'] + 14}" in note
 
 
-def test_resume_under_another_thread_count_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root = tmp_path / "synth"
-    generate(root, n_train=6, n_val=2, size=(32, 64), seed=0, workers=1)
-    raw = tiny_config(root, tmp_path / "run", None, save_every=1, budget={"iterations": 2})
+def test_resume_under_another_thread_count_says_so(synth_root: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tiny_config(synth_root, tmp_path / "run", None, save_every=1, budget={"iterations": 2})
     Trainer(config_from_dict(raw), progress=False).fit()
     assert safe_load(tmp_path / "run" / "last.pt")["environment"] == run_environment("cpu")
     raw["train"]["budget"] = {"iterations": 3}

@@ -18,15 +18,6 @@ from cskd.errors import ConfigError
 TINY = (32, 64)
 
 
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cskd.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, n_train=8, n_val=2, size=TINY, seed=0, workers=1)
-    return root
-
-
 def _config(root: Path, out: Path, model: str, backbone: str, losses: list[dict], **train: object) -> dict:
     cfg = {
         "name": "zoo",
