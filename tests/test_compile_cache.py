@@ -99,7 +99,11 @@ def test_saved_artifacts_preload_a_new_process(tmp_path: Path) -> None:
         "assert torch.equal(f(torch.arange(-4., 4.)), (torch.arange(-4., 4.) * 2 + 1).relu())\n"
         "print(c.loaded, c.save(), counters['inductor']['fxgraph_cache_miss'], flush=True)\n"
     )
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # TORCHINDUCTOR_VEC_ISA_OK=0: scalar C++ kernels. Without it, each process first builds and loads a probe
+    # program per SIMD instruction set under the (here always fresh) inductor folder, about 10 s of each run's
+    # 20 s on 2 cores; the probes are not part of the mega-cache this test is about.
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TORCHINDUCTOR_VEC_ISA_OK": "0"}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     folder = tmp_path / "key"
 
