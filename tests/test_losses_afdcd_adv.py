@@ -324,7 +324,9 @@ def _losses_by_iteration(run: Path) -> dict[int, dict[str, float]]:
 
 
 def test_kill_minus_nine_and_resume_keeps_both_optimisers(synth_root: Path, tmp_path: Path) -> None:
-    base = tiny(synth_root, tmp_path / "x", "skd", deterministic=True, save_every=2, budget={"iterations": 8})
+    # 6 iterations, a checkpoint every 2: killed at the first (iteration 2), the resumed run still saves and
+    # goes on past a checkpoint of its own (4) before the end, as 8 did, with 4 fewer steps and 2 fewer saves.
+    base = tiny(synth_root, tmp_path / "x", "skd", deterministic=True, save_every=2, budget={"iterations": 6})
     base["data"]["workers"] = 1
     Trainer(config_from_dict(dict(base, output_dir=str(tmp_path / "ref"))), progress=False).fit()
     expected = _losses_by_iteration(tmp_path / "ref")
@@ -342,11 +344,11 @@ def test_kill_minus_nine_and_resume_keeps_both_optimisers(synth_root: Path, tmp_
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = safe_load(run / "last.pt")["iteration"]
-    assert killed_at < 8, "the run finished before it could be killed; the test proves nothing"
+    assert killed_at < 6, "the run finished before it could be killed; the test proves nothing"
     done = subprocess.run(cmd + ["--resume", "auto"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     got = _losses_by_iteration(run)
-    assert sorted(got) == list(range(1, 9))
+    assert sorted(got) == list(range(1, 7))
     assert got == expected  # bit-identical, the discriminator's loss included
     a, b = safe_load(tmp_path / "ref" / "last.pt"), safe_load(run / "last.pt")
     for k, v in a["losses"].items():
