@@ -275,10 +275,13 @@ TINY = (32, 64)
 
 
 def tiny(root: Path, out: Path, method: str | None = None, losses: list | None = None, **train: object) -> dict:
+    # A MobileNetV2 student, as test_engine's tiny_config (which this module's DDP test uses) and one of Af-DCD's
+    # published students (320 → the teacher's stage width through its connector): the runs check the recipes'
+    # terms and the second optimiser, not the student; its checkpoints are 4× smaller than a ResNet-18's.
     cfg = {
         "name": "tiny", "output_dir": str(out),
         "data": {"dataset": "synthscapes", "root": str(root), "crop_size": list(TINY), "workers": 0},
-        "model": {"model": "deeplabv3", "backbone": "resnet18"},
+        "model": {"model": "deeplabv3", "backbone": "mobilenetv2"},
         "teacher": {"model": "deeplabv3", "backbone": "resnet18"},
         "train": {"budget": {"iterations": 2}, "batch_size": 2, "lr": 0.01, "log_every": 1, "val_every": 1000,
                   "save_every": 1000, "device": "cpu", "amp": "none", **train},
