@@ -82,6 +82,7 @@ def test_every_backbone_and_head_builds_runs_and_round_trips(tmp_path: Path, mod
     path = tmp_path / "ckpt.pt"
     torch.save({"spec": net.spec.to_dict(), "model": net.state_dict()}, path)
     again = load_model(path).model.eval()
+    path.unlink()  # up to 260 MB (the ResNet-50/101 pairs): read back, not kept on disk for the rest of the run
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, out.logits, rtol=0, atol=0)
 
