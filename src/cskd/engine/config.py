@@ -163,6 +163,10 @@ class TrainConfig:
     """For the distillation losses (null: as compile_mode). Their many small kernels make them launch-bound; CUDA
     graphs ("reduce-overhead") take the launch cost away."""
     cudnn_benchmark: bool = True
+    dilated_convs: Literal["native", "space_to_batch"] = "native"
+    """How the dilated 3×3 convolutions of the student and the teacher run: the library's dilated kernels, or
+    exactly the same convolutions as dense ones on a space-to-batch rearrangement (cskd/models/atrous.py;
+    ``benchmarks/conv_levers.py`` times both per shape)."""
     log_every: int = 50
     val_every: int = 4000
     val_points: int | None = None

@@ -25,6 +25,7 @@ from ..checkpoints.files import capture_rng, restore_rng
 from ..checkpoints.weights import load_teacher_weights, load_weights
 from ..distributed import DistEnv, all_gather_objects
 from ..models import build_segmentor
+from ..models.atrous import space_to_batch_dilated_
 from ..models.fusion import fold_batchnorm_
 from ..models.segmentor import SegOutput, Segmentor
 from .auxiliary import AuxiliaryOptimizers
@@ -87,6 +88,8 @@ class StepRunner:
                                   pretrained_base=model_cfg.pretrained_base)
         if model_cfg.weights:
             load_weights(student, model_cfg.weights)
+        if train_cfg.dilated_convs == "space_to_batch":
+            space_to_batch_dilated_(student)
 
         self.teacher: Segmentor | None = None
         self.teacher_aux = False
@@ -107,6 +110,8 @@ class StepRunner:
             # Frozen: its BatchNorms become part of the convs (exact), and its weights are stored in the autocast
             # dtype so no step re-casts them.
             fold_batchnorm_(teacher)
+            if train_cfg.dilated_convs == "space_to_batch":
+                space_to_batch_dilated_(teacher)
             self.teacher = teacher.to(self.device, dtype=self.amp_dtype or torch.float32)
             for lc in cfg.losses:
                 if lc.name in losses:

@@ -1,0 +1,88 @@
+"""Dilated ("atrous") convolutions computed as dense ones on a space-to-batch rearrangement of their input.
+
+A k×k convolution of dilation d (stride 1, "same" padding d·(k−1)/2) only ever combines pixels whose rows and
+columns agree modulo d. Split the input into its d² phases ``x[:, :, a::d, b::d]``, run the *undilated* k×k
+convolution (padding (k−1)/2) on all phases as one batch, and interleave the results: the output is exactly the
+dilated convolution's (the same products and sums; zero padding to a multiple of d stands for the original zero
+padding). This is how DeepLab's reference implementation ran atrous convolution before libraries had dilated
+kernels.
+
+Why: a segmentation network at output stride 8 runs its last stages dilated (ResNet layer3 d = 2, layer4 d = 4,
+ASPP d = 12/24/36), and a library's dilated kernels may be slower than its dense ones at the same FLOPs. The
+rearrangement costs a copy of the input and of the output; under ``torch.compile`` those copies fuse into the
+neighbouring element-wise work. Whether it pays is a per-shape measurement (``benchmarks/conv_levers.py``): a
+phase map of a few pixels (d = 36 on a 64×128 map) is mostly padding, so the rewrite only applies where every
+phase keeps at least ``min_phase`` rows and columns.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def space_to_batch_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, groups: int = 1) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=d·(k−1)//2, dilation=d, groups=groups)`` for an odd square kernel,
+    computed on the d² phases of ``x`` as one undilated convolution. The result keeps ``x``'s memory format
+    (channels_last in, channels_last out)."""
+    n, c, h, w = x.shape
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    k = weight.shape[-1]
+    d = dilation
+    hp, wp = -(-h // d) * d, -(-w // d) * d
+    if (hp, wp) != (h, w):  # zeros past the end: the original convolution's padding on that side
+        x = F.pad(x, (0, wp - w, 0, hp - h))
+    hs, ws = hp // d, wp // d
+    # NHWC view → (n, a, b, hs, ws, c) phases, copied into channels_last batch order (n·d², c, hs, ws)
+    phases = x.permute(0, 2, 3, 1).reshape(n, hs, d, ws, d, c).permute(0, 2, 4, 1, 3, 5)
+    phases = phases.reshape(n * d * d, hs, ws, c).permute(0, 3, 1, 2)
+    y = F.conv2d(phases, weight, bias, padding=(k - 1) // 2, groups=groups)
+    co = y.shape[1]
+    # (n·d², co, hs, ws) → NHWC (n, hs, a, ws, b, co) → (n, co, hp, wp) with channels_last strides
+    y = y.permute(0, 2, 3, 1).reshape(n, d, d, hs, ws, co).permute(0, 3, 1, 4, 2, 5).reshape(n, hp, wp, co)
+    y = y.permute(0, 3, 1, 2)
+    if (hp, wp) != (h, w):
+        y = y[:, :, :h, :w]
+    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+class SpaceToBatchConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (same parameters and state-dict keys) whose dilated forward runs through
+    :func:`space_to_batch_conv2d` when every phase map keeps at least ``min_phase`` rows and columns; otherwise,
+    and for any input too small for that, the library's dilated kernel."""
+
+    min_phase: int = 8
+
+    def forward(self, x: Tensor) -> Tensor:
+        d = self.dilation[0]
+        if x.shape[-2] // d >= self.min_phase and x.shape[-1] // d >= self.min_phase:
+            return space_to_batch_conv2d(x, self.weight, self.bias, d, self.groups)
+        return super().forward(x)
+
+
+def eligible(conv: nn.Module) -> bool:
+    """A square odd kernel > 1, one dilation > 1 on both axes, stride 1, zero "same" padding."""
+    if type(conv) is not nn.Conv2d:
+        return False
+    k, d = conv.kernel_size, conv.dilation
+    return (
+        k[0] == k[1] and k[0] % 2 == 1 and k[0] > 1 and d[0] == d[1] and d[0] > 1 and conv.stride == (1, 1)
+        and conv.padding == (d[0] * (k[0] - 1) // 2,) * 2 and conv.padding_mode == "zeros"
+    )
+
+
+def space_to_batch_dilated_(module: nn.Module, min_phase: int = 8) -> int:
+    """Switch every eligible dilated ``nn.Conv2d`` of ``module`` to :class:`SpaceToBatchConv2d` in place (the
+    parameters stay the same objects; checkpoints are unaffected); returns how many. Works for trained and frozen
+    networks alike: the rearrangement is differentiable."""
+    count = 0
+    for m in module.modules():
+        if eligible(m):
+            m.__class__ = SpaceToBatchConv2d
+            m.min_phase = min_phase  # type: ignore[attr-defined]
+            count += 1
+    return count
+
+
+__all__ = ["SpaceToBatchConv2d", "eligible", "space_to_batch_conv2d", "space_to_batch_dilated_"]
