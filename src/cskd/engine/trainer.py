@@ -483,6 +483,12 @@ class Trainer:
             self._lock.release()
         return result
 
+    def close(self) -> None:
+        """Stop the validation workers and release the run folder: for a Trainer used without :meth:`fit` (e.g.
+        only to :meth:`evaluate`, as benchmarks/validation.py does)."""
+        self._val = None
+        self._lock.release()
+
     def _open_records(self) -> RunRecorder:
         """The run folder with its config, and the recorder of ``log.jsonl`` (continued after the iteration resumed
         from), opened with the run's banner."""

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU measurements behind docs/benchmarks.md §8 (issue 23), one stage at a time, each writing its JSON and log
+# under OUT. Stages run in the order given; a failed stage is reported and the next one runs.
+#
+#   bash benchmarks/speed_suite.sh OUT levers step step_s2b step_fp8 profile
+#   bash benchmarks/speed_suite.sh OUT loop scaling
+#
+# Stages:
+#   levers    per-shape dilated-conv and FP8 1×1 timings (benchmarks/conv_levers.py)
+#   step      compiled teacher-only, CWD and CSKD steps, B = 8, 512×1024, 120 timed iterations
+#   step_s2b  the same with train.dilated_convs=space_to_batch
+#   step_fp8  the same with train.teacher_precision=fp8
+#   profile   torch.profiler over 5 compiled CSKD steps (top kernels; Chrome trace)
+#   loop      the real loop: 600 iterations of `cskd distill` on 256 synthetic 1024×2048 PNGs, 14 workers, data.cache
+#   scaling   compiled CWD and CSKD steps for B ∈ {8, 16} × crops 512×1024, 768×1536, 1024×2048
+#   val       validation at 1024×2048 as the Trainer runs it (DeepLabV3-R18, 64 images, 14 workers, 3 rounds)
+# Environment: DATA (default /tmp/cs_synth) and CACHE (default /tmp/cs_cache) for the loop's images and cache;
+# VAL_DATA (default /tmp/cs_val) for the validation images.
+set -u
+out=${1:?usage: speed_suite.sh OUT STAGE...}
+shift
+mkdir -p "$out"
+here=$(cd "$(dirname "$0")" && pwd)
+export PYTHONPATH="$here/../src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python}
+data=${DATA:-/tmp/cs_synth}
+cache=${CACHE:-/tmp/cs_cache}
+step=("$py" "$here/train_step.py" --compile --no-flops --warmup 10 --iters 120 --methods teacher,cwd,cskd)
+
+run() {  # run NAME CMD...: log to OUT/NAME.log, say how it ended
+  local name=$1
+  shift
+  local t0=$SECONDS
+  echo "== $name: $*"
+  if "$@" >"$out/$name.log" 2>&1; then
+    echo "== $name: done in $((SECONDS - t0)) s"
+  else
+    echo "== $name: FAILED (exit $?) after $((SECONDS - t0)) s; last lines:"
+    tail -n 5 "$out/$name.log"
+  fi
+}
+
+for stage in "$@"; do
+  case $stage in
+    levers) run levers "$py" "$here/conv_levers.py" --out "$out/conv_levers_h200.json" ;;
+    step) run step "${step[@]}" --out "$out/train_step_h200.json" ;;
+    step_s2b) run step_s2b "${step[@]}" --set train.dilated_convs=space_to_batch \
+                --out "$out/train_step_h200_space_to_batch.json" ;;
+    step_fp8) run step_fp8 "${step[@]}" --set train.teacher_precision=fp8 --out "$out/train_step_h200_fp8.json" ;;
+    profile) run profile "$py" "$here/train_step.py" --compile --no-flops --warmup 10 --iters 20 --methods cskd \
+               --profile cskd --out "$out/profile_h200.json" ;;
+    loop) run loop "$py" "$here/train_loop.py" --data "$data" --images 256 --iterations 600 \
+            --set data.workers=14 --set "data.cache=$cache" --out "$out/train_loop_h200.json" ;;
+    scaling)
+      for b in 8 16; do
+        for size in "512 1024" "768 1536" "1024 2048"; do
+          tag="b${b}_${size// /x}"
+          run "scaling_$tag" "$py" "$here/train_step.py" --compile --no-flops --warmup 5 --iters 30 \
+            --methods cwd,cskd --batch "$b" --size $size --out "$out/train_step_h200_scaling_$tag.json"
+        done
+      done ;;
+    val) run val "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 --set data.workers=14 \
+           --out "$out/validation_h200.json" ;;
+    *) echo "unknown stage '$stage' (levers step step_s2b step_fp8 profile loop scaling val)"; exit 2 ;;
+  esac
+done
