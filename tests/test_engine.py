@@ -231,9 +231,11 @@ def test_calibration_times_the_loops_per_step_work_too(synth_root: Path, tmp_pat
     calls: list[float] = []
     bare = runner.calibrate(batches, warmup=1, steps=3)
     with_work = runner.calibrate(batches, warmup=1, steps=3,
-                                 after_step=lambda loss, terms: (calls.append(loss.item()), time.sleep(0.05)))
+                                 after_step=lambda loss, terms: (calls.append(loss.item()), time.sleep(0.25)))
     assert len(calls) == 4  # warm-up and timed steps
-    assert with_work >= bare * 0.5 + 0.05 * 0.9  # the timed part includes the per-step work
+    # The timed part includes the per-step work. Not compared with `bare`: on a loaded machine one bare step of
+    # this tiny model took 7 s (the two timings are minutes apart in load); a step of it takes ~0.03 s otherwise.
+    assert with_work >= 0.25 * 0.9 and bare > 0
 
 
 def test_calibration_takes_the_loaders_pace_from_when_batches_were_made(synth_root: Path, tmp_path: Path) -> None:
