@@ -318,3 +318,25 @@ def test_teacher_fp8_accuracy_tool(synth_root: Path, tmp_path: Path) -> None:
     assert {"ce", "cwd", "cam", "pam"} <= set(res["terms"])  # the CSKD method's terms (CWD + CAM + PAM)
     assert res["terms"]["ce"]["rel_diff"] == 0.0  # the student's own term does not read the teacher
     assert 0 < res["logits_rel_rms"] < 0.1 and res["argmax_agreement"] > 0.9
+
+
+def test_the_compile_cache_key_tells_an_fp8_teacher_apart_and_keeps_amp_keys() -> None:
+    from cskd.engine.compile_cache import cache_key, key_parts
+
+    def parts(precision: str) -> dict:
+        return key_parts(config_from_dict(fp8_config(teacher_precision=precision)), torch.device("cpu"), 5, 2, 1)
+
+    assert "teacher_precision" not in parts("amp")  # the keys of existing (amp) caches are unchanged
+    assert parts("fp8")["teacher_precision"] == "fp8"
+    assert cache_key(parts("amp")) != cache_key(parts("fp8"))
+
+
+def test_a_compiled_run_compiles_the_fp8_teacher_only_after_quantizing() -> None:
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    amp = StepRunner(config_from_dict(fp8_config(teacher_precision="amp", compile=True, compile_cache=None)), 5,
+                     env, 2)
+    assert amp.teacher._compiled_call_impl is not None  # as before: compiled (lazily) at construction
+    runner = StepRunner(config_from_dict(fp8_config(compile=True, compile_cache=None)), 5, env, 2)
+    assert runner.teacher._compiled_call_impl is None  # not yet: the calibration's hooks must run eagerly
+    runner.quantize_teacher(runner.random_batch((32, 64))["image"])
+    assert runner.teacher._compiled_call_impl is not None
