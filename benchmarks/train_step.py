@@ -8,6 +8,12 @@ on the CPU). Prints a Markdown table and writes JSON.
     python benchmarks/train_step.py --compile --out step.json
     python benchmarks/train_step.py --methods cwd,cskd,dist,afdcd --student segformer mit_b0
     python benchmarks/train_step.py --device cpu --batch 3 --size 64 128 --iters 3 --warmup 1   # CI-sized
+    python benchmarks/train_step.py --compile --no-flops --methods teacher,cwd,cskd \
+        --set train.teacher_precision=fp8 --out fp8.json   # any config key, applied last (repeatable)
+
+With ``train.teacher_precision=fp8`` the teacher is calibrated on the benchmark's random batch (its scales then fit
+uniform noise rather than images: the timing does not depend on them). The FLOP counter does not count
+``_scaled_mm``, so an FP8 teacher's 1×1 convolutions are missing from GFLOP/img.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cskd.distributed import DistEnv
-from cskd.engine.config import config_from_dict
+from cskd.engine.config import apply_overrides, config_from_dict
 from cskd.losses.methods import get_method
 from cskd.engine.runner import StepRunner
 from cskd.timing import cpu_name, time_calls
@@ -45,7 +51,7 @@ def method_row(method: str) -> tuple[bool, list[dict[str, Any]]]:
 def make_runner(args: argparse.Namespace, method: str, device: torch.device, eager: bool = False) -> StepRunner:
     with_teacher, losses = method_row(method)
     amp = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}[args.dtype]
-    cfg = config_from_dict({
+    raw = {
         "name": f"bench_{method}",
         "model": {"model": args.student[0], "backbone": args.student[1]},
         "teacher": {"model": args.teacher[0], "backbone": args.teacher[1]},
@@ -54,8 +60,12 @@ def make_runner(args: argparse.Namespace, method: str, device: torch.device, eag
         "train": {"batch_size": args.batch, "amp": amp, "compile": args.compile and not eager,
                   "compile_mode": args.compile_mode, "loss_compile_mode": args.loss_compile_mode, "channels_last": not args.no_channels_last,
                   "device": str(device), "budget": {"iterations": 10**6}},
-    })
-    return StepRunner(cfg, args.num_classes, DistEnv(0, 1, 0, device), args.batch, with_teacher=with_teacher)
+    }
+    cfg = config_from_dict(apply_overrides(raw, args.set), "benchmark config" + (" (with --set)" if args.set else ""))
+    runner = StepRunner(cfg, args.num_classes, DistEnv(0, 1, 0, device), args.batch, with_teacher=with_teacher)
+    if runner.fp8_pending:  # train.teacher_precision=fp8: calibrate (and then compile) the teacher first
+        runner.quantize_teacher(runner.random_batch(tuple(args.size))["image"])
+    return runner
 
 
 def count_step_flops(runner: StepRunner, size: tuple[int, int]) -> float:
@@ -74,7 +84,7 @@ def time_steps(runner: StepRunner, size: tuple[int, int], warmup: int, iters: in
     return [t / 1000 for t in ms]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="student,teacher,cwd,cskd,cskd_fixed,kd")
     p.add_argument("--batch", type=int, default=8)
@@ -93,10 +103,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (it runs one extra eager step)")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the benchmark's config (e.g. train.teacher_precision=fp8); repeatable")
     p.add_argument("--profile", metavar="METHOD",
                    help="after timing, profile 5 steps of METHOD with torch.profiler and print the top kernels "
                         "(and write a Chrome trace beside --out)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     device = torch.device(args.device)
     if device.type == "cuda":  # the engine's settings (Trainer._configure_backends); TF32 stays PyTorch's default
@@ -131,7 +143,7 @@ def main() -> None:
         "torch": torch.__version__, "batch": args.batch, "size": list(size), "dtype": args.dtype,
         "compile": args.compile, "compile_mode": args.compile_mode, "loss_compile_mode": args.loss_compile_mode,
         "channels_last": not args.no_channels_last, "teacher": list(args.teacher),
-        "student": list(args.student), "warmup": args.warmup, "iters": args.iters,
+        "student": list(args.student), "warmup": args.warmup, "iters": args.iters, "set": list(args.set),
     }
     mode = f" ({args.compile_mode}; losses {args.loss_compile_mode or args.compile_mode})" if args.compile else ""
     print(f"\n{meta['device']}, torch {meta['torch']}, B={args.batch}, {size[0]}×{size[1]}, {args.dtype}, "

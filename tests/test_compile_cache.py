@@ -53,6 +53,10 @@ def test_the_key_follows_the_graphs_not_the_weight_files(tmp_path: Path) -> None
     assert _key(_cfg(tmp_path, weights="a.pt", pretrained_base="b.pth")) == base  # same graphs
     assert _key(_cfg(tmp_path, backbone="resnet18")) != base  # a changed model never shares a folder
     assert _key(_cfg(tmp_path), classes=19) != base
+    s2b = config_from_dict({**_cfg(tmp_path).to_dict(), "train": {**_cfg(tmp_path).to_dict()["train"],
+                                                                  "dilated_convs": "space_to_batch"}})
+    assert _key(s2b) != base  # other graphs; the default leaves the key as it was
+    assert "dilated_convs" not in key_parts(_cfg(tmp_path), torch.device("cpu"), 13, 2, 1)
     parts = key_parts(_cfg(tmp_path), torch.device("cpu"), 13, 2, 1)
     assert parts["torch"] == torch.__version__ and parts["device"].startswith("cpu")
 

@@ -78,6 +78,10 @@ def key_parts(
         "losses": config["losses"],
         "train": {k: train[k] for k in ("amp", "channels_last", "compile_mode", "loss_compile_mode", "aux_weight",
                                         "optimizer", "sync_bn")},
+        # only when set, so that the keys of every amp run (the default) stay what they were
+        **({"teacher_precision": train["teacher_precision"]}
+           if train.get("teacher_precision", "amp") != "amp" else {}),
+        **({"dilated_convs": train["dilated_convs"]} if train.get("dilated_convs", "native") != "native" else {}),
         "crop_size": config["data"]["crop_size"], "num_classes": num_classes,
         "batch_per_device": batch_per_device, "world_size": world_size,
     }

@@ -151,6 +151,13 @@ class TrainConfig:
     """Deterministic kernels (slower); with it, a run and its kill-and-resume twin give identical losses on CPU."""
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     """auto: bf16 autocast on CUDA, none on CPU. fp16 uses a GradScaler."""
+    teacher_precision: Literal["amp", "fp8"] = "amp"
+    """amp: the frozen teacher runs in the autocast dtype (``amp``), as the student does. fp8: its eligible 1×1
+    convolutions (stride 1, channels multiples of 16) run as FP8 GEMMs (float8_e4m3fn, ``torch._scaled_mm``) after
+    a calibration forward on the first ``batch_size / processes`` training images (cskd/models/fp8.py); the 3×3
+    convolutions stay in the autocast dtype. Needs CUDA compute capability ≥ 8.9 (Ada, Hopper) on GPUs; ignored
+    without a teacher (no distillation). Opt-in until its speed and accuracy are measured on a GPU
+    (docs/benchmarks.md, "Speed v2")."""
     channels_last: bool = True
     compile: bool | None = None
     """torch.compile the trained model, the teacher and the losses; null = on CUDA yes, on the CPU no."""

@@ -26,6 +26,7 @@ from ..checkpoints.weights import load_teacher_weights, load_weights
 from ..distributed import DistEnv, all_gather_objects
 from ..models import build_segmentor
 from ..models.atrous import space_to_batch_dilated_
+from ..models.fp8 import cpu_scaled_mm_available, quantize_1x1_fp8_
 from ..models.fusion import fold_batchnorm_
 from ..models.segmentor import SegOutput, Segmentor
 from .auxiliary import AuxiliaryOptimizers
@@ -45,6 +46,36 @@ class PolyDecay:
 
     def __call__(self, t: int) -> float:
         return max(0.0, 1.0 - t / self.total) ** self.power
+
+
+def check_teacher_precision(precision: str, device: torch.device) -> None:
+    """``train.teacher_precision: fp8`` needs FP8 tensor cores (CUDA compute capability ≥ 8.9) or, on the CPU, a
+    torch with a CPU ``_scaled_mm``; a one-line ConfigError otherwise."""
+    if precision != "fp8":
+        return
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if tuple(cap) < (8, 9):
+            raise ConfigError(f"train.teacher_precision=fp8 needs CUDA compute capability ≥ 8.9 (FP8 tensor cores); "
+                              f"{device} ({torch.cuda.get_device_name(device)}) has {cap[0]}.{cap[1]}: use amp")
+    elif device.type == "cpu":
+        if not cpu_scaled_mm_available():
+            raise ConfigError(f"train.teacher_precision=fp8: torch {torch.__version__} has no CPU _scaled_mm: "
+                              "use amp (or torch ≥ 2.14)")
+    else:
+        raise ConfigError(f"train.teacher_precision=fp8 is for CUDA (capability ≥ 8.9) and the CPU, not {device}: "
+                          "use amp")
+
+
+def calibration_images(dataset: Any, count: int, size: tuple[int, int]) -> Tensor:
+    """The first ``count`` images of ``dataset`` (items with a uint8 ``image``, no random transform: the same
+    every run) resized to ``size`` (bilinear, antialiased), as one uint8 batch: the FP8 teacher's calibration
+    batch (:meth:`StepRunner.quantize_teacher`)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    n = min(count, len(dataset))
+    images = [TF.resize(dataset[i]["image"].as_subclass(Tensor), list(size), antialias=True) for i in range(n)]
+    return torch.stack(images).to(torch.uint8)
 
 
 class StepRunner:
@@ -70,6 +101,7 @@ class StepRunner:
         if self.amp_dtype == torch.float16 and self.device.type != "cuda":
             raise ConfigError("train.amp=fp16 needs CUDA; use bf16 or none on the CPU")
         self.channels_last = train_cfg.channels_last and self.device.type == "cuda"
+        check_teacher_precision(train_cfg.teacher_precision, self.device)
         self._build_models()
         # train.optimizer: SGD or AdamW (engine/optim.py), one fused kernel for the whole update on CUDA. A loss's
         # own second optimiser (a discriminator) trains its parameters; the student's leaves them alone.
@@ -93,6 +125,7 @@ class StepRunner:
 
         self.teacher: Segmentor | None = None
         self.teacher_aux = False
+        self.teacher_fp8_convs: int | None = None  # set by quantize_teacher
         losses: dict[str, DistillLoss] = {}
         if self.with_teacher:
             if cfg.teacher is None:
@@ -151,8 +184,9 @@ class StepRunner:
             loss_mode = train_cfg.loss_compile_mode or train_cfg.compile_mode
             loss_mode = None if loss_mode == "default" else loss_mode
             step.model.compile(mode=mode)
-            if self.teacher is not None:
+            if self.teacher is not None and not self.fp8_pending:
                 self.teacher.compile(mode=mode)
+            self._teacher_compile_mode = mode  # an FP8 teacher is compiled by quantize_teacher, once quantized
             for loss in step.losses.values():
                 loss.compile(mode=loss_mode)
             self.cudagraphs = "reduce-overhead" in (mode, loss_mode) and self.device.type == "cuda"
@@ -170,6 +204,37 @@ class StepRunner:
             self._forward: nn.Module = DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False)
         else:
             self._forward = step  # the step module as called: wrapped in DDP when data-parallel
+
+    @property
+    def fp8_pending(self) -> bool:
+        """The teacher is to run in FP8 (``train.teacher_precision: fp8``) and is not quantized yet."""
+        return (self.cfg.train.teacher_precision == "fp8" and self.teacher is not None
+                and self.teacher_fp8_convs is None)
+
+    def quantize_teacher(self, images: Tensor) -> int:
+        """For ``train.teacher_precision: fp8``: calibrate the teacher on ``images`` and run its eligible 1×1 convs
+        in FP8 (:func:`~cskd.models.fp8.quantize_1x1_fp8_`), then compile it if the run compiles; returns the
+        number of convs replaced (0 with ``amp`` or without a teacher; the first count again on a second call).
+
+        ``images``: a uint8 N×3×H×W batch as the loader gives it (normalised here, as :meth:`prepare` does) or
+        float images already normalised (what :meth:`prepare` returns). The scales depend only on these images and
+        the teacher's weights, so a caller that passes the same batch (the Trainer: the first training images,
+        :func:`calibration_images`) gets the same teacher after a kill and resume."""
+        if self.teacher is None or self.cfg.train.teacher_precision != "fp8":
+            return 0
+        if self.teacher_fp8_convs is not None:
+            return self.teacher_fp8_convs
+        from ..data.normalize import normalize
+
+        x = images.to(self.device)
+        x = normalize(x) if x.dtype == torch.uint8 else x.float()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast():  # the activations' amax as the teacher's forward will see them
+            self.teacher_fp8_convs = quantize_1x1_fp8_(self.teacher, x, with_aux=self.teacher_aux)
+        if self.compiled:  # after the swap: the hooks ran eagerly and the graph sees the FP8 modules
+            self.teacher.compile(mode=self._teacher_compile_mode)
+        return self.teacher_fp8_convs
 
     def _check_batch_requirements(self, losses: dict[str, DistillLoss]) -> None:
         for name, loss in losses.items():
@@ -216,6 +281,9 @@ class StepRunner:
     def teacher_forward(self, x: Tensor) -> SegOutput | None:
         if self.teacher is None:
             return None
+        if self.fp8_pending:
+            raise RuntimeError("train.teacher_precision=fp8: call StepRunner.quantize_teacher(images) before the "
+                               "first step (the Trainer and benchmarks/train_step.py do)")
         with torch.inference_mode(), self.autocast():
             out = self.teacher(x, with_aux=self.teacher_aux)
         # Inference tensors may not be saved for backward; the copy (a few MB) makes them ordinary constants. The
@@ -324,4 +392,4 @@ class StepRunner:
         return seconds
 
 
-__all__ = ["PolyDecay", "StepRunner"]
+__all__ = ["PolyDecay", "StepRunner", "calibration_images", "check_teacher_precision"]

@@ -37,7 +37,7 @@ from ..distributed import DistEnv, all_gather_objects, barrier, init_distributed
 from .config import ExperimentConfig, save_config
 from .records import RunRecorder, read_records
 from .runlock import RunLock
-from .runner import StepRunner
+from .runner import StepRunner, calibration_images
 from .sampling import SeededBatchSampler, SeededSamples, StampedCollate
 
 PREFETCH_BATCHES = 4
@@ -183,6 +183,11 @@ class Trainer:
         self.batches_per_epoch: int | None = None  # known once the first training loader is built
         self._build_data()
         self.runner = StepRunner(cfg, self.num_classes, self.env, self.batch_per_device)
+        if self.runner.fp8_pending:  # train.teacher_precision: fp8, before any step and any compile
+            # The first training images, untransformed and resized to the crop: the same batch on every rank and
+            # in a resumed run, so the teacher's FP8 scales are too.
+            self.runner.quantize_teacher(calibration_images(self._plain_train_set, self.batch_per_device,
+                                                            cfg.data.crop_size))
         self.student = self.runner.student
         self.step_module = self.runner.step_module
         self.amp_dtype = self.runner.amp_dtype
@@ -290,6 +295,7 @@ class Trainer:
         # data.decode: training JPEGs left encoded for StepRunner.prepare to decode on the GPU (cskd.data.gpu_decode)
         self.decode = resolve_decode(data_cfg.decode, self.device, [s.image_path for s in train_ds.samples],
                                      cached=data_cfg.cache is not None)
+        self._plain_train_set = train_ds  # decoded, untransformed: the FP8 teacher's calibration images
         if self.decode == "gpu":
             train_ds = train_ds.with_encoded_images()
         transform = build_train_transform(data_cfg.crop_size, data_cfg.scale_range, data_cfg.hflip,
