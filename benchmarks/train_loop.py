@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from cskd.data import synthetic
-from cskd.engine.config import apply_overrides, config_from_dict, expand_method, read_yaml
+from cskd.engine.config import ExperimentConfig, apply_overrides, config_from_dict, expand_method, read_yaml
 from cskd.engine.trainer import Trainer
 from cskd.timing import cpu_name
 
@@ -54,6 +54,16 @@ def missing_weights(raw: dict[str, Any]) -> list[str]:
             print(f"{key}: {path} not found; random weights instead", flush=True)
             out.append(f"{key}=null")
     return out
+
+
+def benchmark_config(path: str, overrides: list[str], device: str | None) -> tuple[ExperimentConfig, list[str]]:
+    """The config at ``path`` with ``overrides`` (and ``train.device``), every weight file it names that is missing
+    replaced by random weights (said on stdout); returns it with the overrides as applied."""
+    overrides = [*overrides, *([f"train.device={device}"] if device else [])]
+    raw = apply_overrides(expand_method(read_yaml(path), overrides), overrides)
+    overrides += missing_weights(raw)
+    raw = apply_overrides(raw, [o for o in overrides if o.split("=", 1)[0] in WEIGHT_KEYS])
+    return config_from_dict(raw, f"{path} (benchmark settings)"), overrides
 
 
 def windows(history: list[dict[str, Any]], batch: int, warmup_steps: int) -> list[dict[str, Any]]:
@@ -100,12 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"train.budget={{iterations: {args.iterations}}}", f"train.log_every={args.window}",
                      "train.val_points=null", f"train.val_every={10**9}", f"train.save_every={10**9}",
                      "eval.max_images=1", *args.overrides]
-        if args.device:
-            overrides.append(f"train.device={args.device}")
-        raw = apply_overrides(expand_method(read_yaml(args.config), overrides), overrides)
-        overrides += missing_weights(raw)
-        raw = apply_overrides(raw, [o for o in overrides if o.split("=", 1)[0] in WEIGHT_KEYS])
-        cfg = config_from_dict(raw, f"{args.config} (benchmark settings)")
+        cfg, overrides = benchmark_config(args.config, overrides, args.device)
 
         trainer = Trainer(cfg, progress=False, overwrite=True)
         result = trainer.fit()

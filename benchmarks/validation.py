@@ -24,12 +24,11 @@ from typing import Any
 import torch
 
 from cskd.data import synthetic
-from cskd.engine.config import apply_overrides, config_from_dict, expand_method, read_yaml
 from cskd.engine.trainer import Trainer
 from cskd.timing import cpu_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_loop import WEIGHT_KEYS, missing_weights  # noqa: E402
+from train_loop import benchmark_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs/cityscapes/baseline_deeplabv3-r18.yaml"
 
@@ -57,12 +56,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({time.perf_counter() - t:.0f} s)", flush=True)
         overrides = [f"data.root={data}", f"output_dir={Path(tmp) / 'run'}", "eval.max_images=null",
                      "train.budget={iterations: 1}", *args.overrides]
-        if args.device:
-            overrides.append(f"train.device={args.device}")
-        raw = apply_overrides(expand_method(read_yaml(args.config), overrides), overrides)
-        overrides += missing_weights(raw)
-        raw = apply_overrides(raw, [o for o in overrides if o.split("=", 1)[0] in WEIGHT_KEYS])
-        cfg = config_from_dict(raw, f"{args.config} (benchmark settings)")
+        cfg, overrides = benchmark_config(args.config, overrides, args.device)
 
         trainer = Trainer(cfg, progress=False, overwrite=True)
         rounds: list[dict[str, Any]] = []
