@@ -10,6 +10,7 @@
 #   step      compiled teacher-only, CWD and CSKD steps, B = 8, 512×1024, 120 timed iterations
 #   step_s2b  the same with train.dilated_convs=space_to_batch
 #   step_fp8  the same with train.teacher_precision=fp8
+#   step_cg   the same with CUDA graphs over the whole step (--compile-mode reduce-overhead)
 #   profile   torch.profiler over 5 compiled CSKD steps (top kernels; Chrome trace)
 #   loop      the real loop: 600 iterations of `cskd distill` on 256 synthetic 1024×2048 PNGs, 14 workers, data.cache
 #   scaling   compiled CWD and CSKD steps for B ∈ {8, 16} × crops 512×1024, 768×1536, 1024×2048
@@ -47,6 +48,7 @@ for stage in "$@"; do
     step_s2b) run step_s2b "${step[@]}" --set train.dilated_convs=space_to_batch \
                 --out "$out/train_step_h200_space_to_batch.json" ;;
     step_fp8) run step_fp8 "${step[@]}" --set train.teacher_precision=fp8 --out "$out/train_step_h200_fp8.json" ;;
+    step_cg) run step_cg "${step[@]}" --compile-mode reduce-overhead --out "$out/train_step_h200_cudagraphs.json" ;;
     profile) run profile "$py" "$here/train_step.py" --compile --no-flops --warmup 10 --iters 20 --methods cskd \
                --profile cskd --out "$out/profile_h200.json" ;;
     loop) run loop "$py" "$here/train_loop.py" --data "$data" --images 256 --iterations 600 \
@@ -61,6 +63,6 @@ for stage in "$@"; do
       done ;;
     val) run val "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 --set data.workers=14 \
            --out "$out/validation_h200.json" ;;
-    *) echo "unknown stage '$stage' (levers step step_s2b step_fp8 profile loop scaling val)"; exit 2 ;;
+    *) echo "unknown stage '$stage' (levers step step_s2b step_fp8 step_cg profile loop scaling val)"; exit 2 ;;
   esac
 done

@@ -19,8 +19,12 @@ uniform noise rather than images: the timing does not depend on them). The FLOP 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -77,6 +81,25 @@ def count_step_flops(runner: StepRunner, size: tuple[int, int]) -> float:
     return counter.get_total_flops() / runner.batch_per_device
 
 
+@contextmanager
+def gc_pauses() -> Iterator[list[float]]:
+    """Seconds of each garbage collection while the block runs: a host pause that a step's p90 would show."""
+    pauses: list[float] = []
+    start = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            start[0] = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - start[0])
+
+    gc.callbacks.append(callback)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(callback)
+
+
 def time_steps(runner: StepRunner, size: tuple[int, int], warmup: int, iters: int) -> list[float]:
     """Seconds of each timed step (CUDA events on a GPU), after ``warmup`` untimed steps."""
     x, masks = runner.prepare(runner.random_batch(size))
@@ -122,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         runner = make_runner(args, method, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = time_steps(runner, size, args.warmup, args.iters)
+        with gc_pauses() as pauses:
+            times = time_steps(runner, size, args.warmup, args.iters)
         med = statistics.median(times)
         row = {
             "method": method, "median_s": med, "p10_s": sorted(times)[len(times) // 10],
@@ -130,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             "gflop_per_img": flops / 1e9 if flops else None,
             "tflops": flops * args.batch / med / 1e12 if flops else None,
+            # every timed step in order (where a slow p90 comes from), and the garbage collections meanwhile
+            "step_s": times, "gc_collections": len(pauses), "gc_seconds": sum(pauses),
         }
         rows.append(row)
         print(f"{method}: {med * 1000:.1f} ms/step, {row['img_per_s']:.1f} img/s", flush=True)

@@ -1,0 +1,33 @@
+"""benchmarks/train_step.py's per-step record: every timed step in order, and the garbage collections meanwhile."""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import train_step  # noqa: E402
+
+
+def test_gc_pauses_records_each_collection_and_detaches():
+    with train_step.gc_pauses() as pauses:
+        gc.collect()
+        gc.collect(0)
+    assert len(pauses) == 2 and all(p >= 0 for p in pauses)
+    gc.collect()
+    assert len(pauses) == 2  # the callback is gone after the block
+
+
+def test_rows_carry_every_timed_step(tmp_path):
+    out = tmp_path / "step.json"
+    train_step.main(["--device", "cpu", "--batch", "2", "--size", "32", "64", "--iters", "3", "--warmup", "1",
+                     "--methods", "student", "--num-classes", "5", "--dtype", "fp32", "--no-flops",
+                     "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert len(row["step_s"]) == 3 and all(t > 0 for t in row["step_s"])
+    assert sorted(row["step_s"])[1] == row["median_s"]
+    assert row["gc_collections"] >= 0 and row["gc_seconds"] >= 0
