@@ -16,7 +16,8 @@
 #   scaling   compiled CWD and CSKD steps for B ∈ {8, 16} × crops 512×1024, 768×1536, 1024×2048
 #   val       validation at 1024×2048 as the Trainer runs it (DeepLabV3-R18, 64 images, 14 workers, 3 rounds)
 # Environment: DATA (default /tmp/cs_synth) and CACHE (default /tmp/cs_cache) for the loop's images and cache;
-# VAL_DATA (default /tmp/cs_val) for the validation images.
+# VAL_DATA (default /tmp/cs_val) for the validation images; STEP_ARGS, extra train_step.py arguments for the step
+# stages (later ones win: STEP_ARGS="--device cpu --batch 1 --size 32 64 --iters 2 --warmup 1" checks the plumbing).
 set -u
 out=${1:?usage: speed_suite.sh OUT STAGE...}
 shift
@@ -26,7 +27,8 @@ export PYTHONPATH="$here/../src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python}
 data=${DATA:-/tmp/cs_synth}
 cache=${CACHE:-/tmp/cs_cache}
-step=("$py" "$here/train_step.py" --compile --no-flops --warmup 10 --iters 120 --methods teacher,cwd,cskd)
+# shellcheck disable=SC2206  # STEP_ARGS is meant to split into words
+step=("$py" "$here/train_step.py" --compile --no-flops --warmup 10 --iters 120 --methods teacher,cwd,cskd ${STEP_ARGS:-})
 
 run() {  # run NAME CMD...: log to OUT/NAME.log, say how it ended
   local name=$1

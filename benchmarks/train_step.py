@@ -100,10 +100,19 @@ def gc_pauses() -> Iterator[list[float]]:
         gc.callbacks.remove(callback)
 
 
-def time_steps(runner: StepRunner, size: tuple[int, int], warmup: int, iters: int) -> list[float]:
-    """Seconds of each timed step (CUDA events on a GPU), after ``warmup`` untimed steps."""
+def time_steps(runner: StepRunner, size: tuple[int, int], warmup: int, iters: int,
+               pauses: list[float] | None = None) -> list[float]:
+    """Seconds of each timed step (CUDA events on a GPU), after ``warmup`` untimed steps. ``pauses``, a list,
+    receives the seconds of each garbage collection during the timed steps (and the last warm-up step), not
+    during compilation."""
     x, masks = runner.prepare(runner.random_batch(size))
-    ms, _ = time_calls(lambda: runner.step(x, masks), warmup=warmup, iters=iters, cuda=runner.device.type == "cuda")
+    for _ in range(warmup - 1):
+        runner.step(x, masks)
+    with gc_pauses() as seen:
+        ms, _ = time_calls(lambda: runner.step(x, masks), warmup=1, iters=iters,
+                           cuda=runner.device.type == "cuda")
+    if pauses is not None:
+        pauses.extend(seen)
     return [t / 1000 for t in ms]
 
 
@@ -145,8 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         runner = make_runner(args, method, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with gc_pauses() as pauses:
-            times = time_steps(runner, size, args.warmup, args.iters)
+        pauses: list[float] = []
+        times = time_steps(runner, size, args.warmup, args.iters, pauses)
         med = statistics.median(times)
         row = {
             "method": method, "median_s": med, "p10_s": sorted(times)[len(times) // 10],
