@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cskd.models.atrous import eligible, space_to_batch_conv2d
+from cskd.models import atrous, fp8
+from cskd.models.atrous import space_to_batch_conv2d
+from cskd.models.fp8 import FP8_MAX
 from cskd.models.segmentor import build_segmentor
 from cskd.timing import cpu_name, time_calls
-
-FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 
 
 class ConvShape(NamedTuple):
@@ -47,15 +47,22 @@ class ConvShape(NamedTuple):
     w: int
 
 
-def conv_shapes(model: nn.Module, batch: int, size: tuple[int, int]) -> Counter[tuple[ConvShape, bool]]:
-    """(shape, eligible for space-to-batch) → how many times one forward at ``size`` runs it."""
-    seen: Counter[tuple[ConvShape, bool]] = Counter()
+def lever_kind(conv: nn.Conv2d) -> str | None:
+    """Which lever applies to ``conv``: "dilated" (space-to-batch), "1x1" (FP8, for the teacher) or None."""
+    if atrous.eligible(conv):
+        return "dilated"
+    return "1x1" if fp8.eligible(conv) else None
+
+
+def conv_shapes(model: nn.Module, batch: int, size: tuple[int, int]) -> Counter[tuple[ConvShape, str | None]]:
+    """(shape, :func:`lever_kind`) → how many times one forward at ``size`` runs it."""
+    seen: Counter[tuple[ConvShape, str | None]] = Counter()
 
     def hook(mod: nn.Conv2d, args: tuple[Tensor, ...]) -> None:
         x = args[0]
         shape = ConvShape(mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0], mod.dilation[0],
                           mod.groups, x.shape[-2], x.shape[-1])
-        seen[(shape, eligible(mod))] += 1
+        seen[(shape, lever_kind(mod))] += 1
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
@@ -147,16 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for role, (model, backbone) in (("teacher", args.teacher), ("student", args.student)):
         net = build_segmentor(model, backbone, num_classes=19)
-        for (s, ok), count in sorted(conv_shapes(net, args.batch, size).items()):
+        shapes = conv_shapes(net, args.batch, size)
+        for (s, kind), count in sorted(shapes.items(), key=lambda item: (item[0][0], str(item[0][1]))):
             row: dict[str, Any] = {"role": role, **s._asdict(), "count": count}
-            if ok:
-                row.update(kind="dilated", **time_dilated(s, args.batch, role == "student", args, device, dtype))
-            elif role == "teacher" and s.k == 1 and s.stride == 1 and s.groups == 1 and s.cin % 16 == 0 \
-                    and s.cout % 16 == 0:
+            if kind == "dilated":
+                row.update(kind=kind, **time_dilated(s, args.batch, role == "student", args, device, dtype))
+            elif kind == "1x1" and role == "teacher":  # FP8 is for the frozen teacher only
                 timed = time_1x1(s, args.batch, args, device, dtype)
                 if timed is None:
                     continue
-                row.update(kind="1x1", **timed)
+                row.update(kind=kind, **timed)
             else:
                 continue
             rows.append(row)

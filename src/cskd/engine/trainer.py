@@ -486,12 +486,12 @@ class Trainer:
             if self.env.is_main:
                 self._write_summary(recorder, result)
         finally:
-            self._lock.release()
+            self.close()
         return result
 
     def close(self) -> None:
-        """Stop the validation workers and release the run folder: for a Trainer used without :meth:`fit` (e.g.
-        only to :meth:`evaluate`, as benchmarks/validation.py does)."""
+        """Stop the validation workers and release the run folder (:meth:`fit` ends so; call it for a Trainer
+        used without :meth:`fit`, e.g. only to :meth:`evaluate`, as benchmarks/validation.py does)."""
         self._val = None
         self._lock.release()
 
