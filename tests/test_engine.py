@@ -153,6 +153,30 @@ def test_kill_minus_nine_and_resume_reproduces_the_loss_curve(synth_root: Path, 
     assert got == expected  # bit-identical: same batches, same augmentation, same dropout, same projections
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_over_the_whole_step_train_and_validate_as_eager_mode(synth_root: Path, tmp_path: Path) -> None:
+    """train.compile_mode=reduce-overhead (CUDA graphs over the model, the teacher and the losses) through the
+    Trainer: the logged terms are read after later replays and compiled validations run between steps, so an
+    output kept from an overwritten graph would fail here; the loss curve follows the eager run's. Cold, the
+    compiles take minutes (not yet timed on the GPU machine)."""
+    losses = [{"name": "cwd", "weight": 3.0, "temperature": 2.0}, {"name": "cskd"}]
+    curves = {}
+    for name, compiled in (("eager", False), ("cudagraphs", True)):
+        cfg = tiny_config(synth_root, tmp_path / name, losses, device="cuda", amp="bf16", compile=compiled,
+                          compile_mode="reduce-overhead", compile_cache=None, budget={"iterations": 6}, val_every=3)
+        cfg["eval"]["compile"] = compiled
+        result = Trainer(config_from_dict(cfg), progress=False).fit()
+        assert result.iterations == 6 and result.final_metrics is not None
+        curves[name] = {r["iteration"]: {k: v for k, v in r.items()
+                                         if k not in ("kind", "iteration", "time", "train_seconds", "lr")}
+                        for r in read_records(tmp_path / name / "log.jsonl", "train")}
+        assert sorted(curves[name]) == list(range(1, 7))
+        assert len(read_records(tmp_path / name / "log.jsonl", "val")) == 2
+    for it, terms in curves["cudagraphs"].items():
+        assert all(v == v and abs(v) != float("inf") for v in terms.values()), (it, terms)
+        assert terms == pytest.approx(curves["eager"][it], rel=0.05, abs=1e-3), it
+
+
 @register_loss("_test_nan_at_3")
 class _NaNAtThree(DistillLoss):
     """Returns a finite value, except NaN at its third call: the engine must name iteration 3."""
