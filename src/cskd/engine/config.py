@@ -156,8 +156,8 @@ class TrainConfig:
     convolutions (stride 1, channels multiples of 16) run as FP8 GEMMs (float8_e4m3fn, ``torch._scaled_mm``) after
     a calibration forward on the first ``batch_size / processes`` training images (cskd/models/fp8.py); the 3×3
     convolutions stay in the autocast dtype. Needs CUDA compute capability ≥ 8.9 (Ada, Hopper) on GPUs; ignored
-    without a teacher (no distillation). Opt-in until its speed and accuracy are measured on a GPU
-    (docs/benchmarks.md, "Speed v2")."""
+    without a teacher (no distillation). Opt-in: on an H200 it saved 2.6 % of the teacher-only step and cost a
+    trained DeepLabV3-R101 teacher 0.22 mIoU points (docs/benchmarks.md §8)."""
     channels_last: bool = True
     compile: bool | None = None
     """torch.compile the trained model, the teacher and the losses; null = on CUDA yes, on the CPU no."""
@@ -166,6 +166,9 @@ class TrainConfig:
     cskd/engine/compile_cache.py); "auto" = ``$XDG_CACHE_HOME/cskd/compile`` (``~/.cache/cskd/compile``); null =
     torch's own default (/tmp/torchinductor_$USER), untouched. Used only when compiling."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile mode of the model, the teacher and (unless loss_compile_mode) the losses. "reduce-overhead"
+    (CUDA graphs over the whole step) removed the CSKD step's slow-step bursts on an H200 (docs/benchmarks.md §8);
+    opt-in until the real loop has run under it on a GPU."""
     loss_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
     """For the distillation losses (null: as compile_mode). Their many small kernels make them launch-bound; CUDA
     graphs ("reduce-overhead") take the launch cost away."""
