@@ -68,14 +68,16 @@ def benchmark_config(path: str, overrides: list[str], device: str | None) -> tup
 
 def windows(history: list[dict[str, Any]], batch: int, warmup_steps: int) -> list[dict[str, Any]]:
     """img/s between consecutive log points, from the Trainer's cumulative ``train_seconds`` (the first window
-    loses the untimed first step)."""
-    rows, last_it, last_s = [], 0, 0.0
+    loses the untimed first step), and the share of each window's time the loop waited for data (cumulative
+    ``data_wait_seconds``)."""
+    rows, last_it, last_s, last_wait = [], 0, 0.0, 0.0
     for rec in (r for r in history if r.get("kind") == "train"):
-        it, sec = int(rec["iteration"]), float(rec["train_seconds"])
+        it, sec, wait = int(rec["iteration"]), float(rec["train_seconds"]), float(rec.get("data_wait_seconds", 0.0))
         steps = it - last_it - (warmup_steps if last_it == 0 else 0)
         if sec > last_s and steps > 0:
-            rows.append({"from": last_it, "to": it, "img_per_s": steps * batch / (sec - last_s)})
-        last_it, last_s = it, sec
+            rows.append({"from": last_it, "to": it, "img_per_s": steps * batch / (sec - last_s),
+                         "data_wait_share": (wait - last_wait) / (sec - last_s)})
+        last_it, last_s, last_wait = it, sec, wait
     return rows
 
 
@@ -134,14 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         "loop_img_per_s_after_first_window": steady_ips, "first_step_s": result.warmup_seconds,
         "step_median_s": step_s, "step_img_per_s": step_ips, "ratio": loop_ips / step_ips,
         "ratio_after_first_window": steady_ips / step_ips,
+        "data_wait_s": result.data_wait_seconds, "data_wait_share": result.data_wait_seconds / result.train_seconds
+        if result.train_seconds else float("nan"),
     }
     print(f"\n{res['device']}: {cfg.name}, {args.size[0]}×{args.size[1]} PNG → {cfg.data.crop_size[0]}×"
           f"{cfg.data.crop_size[1]}, batch {batch}, {cfg.data.workers} workers, {result.iterations} iterations")
     for w in wins:
-        print(f"  iterations {w['from']:>5}-{w['to']:<5} {w['img_per_s']:8.1f} img/s")
+        print(f"  iterations {w['from']:>5}-{w['to']:<5} {w['img_per_s']:8.1f} img/s, "
+              f"waiting for data {100 * w['data_wait_share']:5.1f} % of the time")
     print(f"loop {loop_ips:.1f} img/s overall, {steady_ips:.1f} after the first window; step benchmark "
           f"{step_ips:.1f} img/s ({1000 * step_s:.1f} ms/step); loop/step {100 * res['ratio']:.1f} % "
-          f"({100 * res['ratio_after_first_window']:.1f} % after the first window)")
+          f"({100 * res['ratio_after_first_window']:.1f} % after the first window); the loop waited for data "
+          f"{res['data_wait_s']:.1f} s ({100 * res['data_wait_share']:.1f} % of its training time)")
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
     return 0

@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                 timing = dict(trainer.last_val_timing)
                 rounds.append(timing)
                 print(f"round {i + 1}: {timing['seconds']:.2f} s for {timing['images']:.0f} images; first batch "
-                      f"{timing['first_batch_seconds']:.2f} s; {timing['images_per_second']:.1f} img/s after it",
-                      flush=True)
+                      f"{timing['first_batch_seconds']:.2f} s; {timing['images_per_second']:.1f} img/s after it, "
+                      f"{timing['loader_wait_seconds']:.2f} s of it waiting for the loader", flush=True)
         finally:
             trainer.close()
         device = trainer.device

@@ -31,7 +31,8 @@ def test_train_loop_benchmark_on_cpu(tmp_path, capsys, monkeypatch):
     assert res["iterations"] == 3 and res["batch"] == 3 and res["crop"] == [32, 64]
     # the first step is untimed (the Trainer's warm-up), so the window ending there has no time: windows 1-2, 2-3
     assert [(w["from"], w["to"]) for w in res["windows"]] == [(1, 2), (2, 3)]
-    assert all(w["img_per_s"] > 0 for w in res["windows"])
+    assert all(w["img_per_s"] > 0 and 0 <= w["data_wait_share"] <= 1 for w in res["windows"])
+    assert 0 <= res["data_wait_s"] and res["data_wait_share"] <= 1 and "waiting for data" in text
     assert res["step_img_per_s"] > 0 and abs(res["ratio"] - res["loop_img_per_s"] / res["step_img_per_s"]) < 1e-9
     # the generated tree is in the Cityscapes layout that the config's dataset reads
     assert len(list((tmp_path / "cs" / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))) == 4

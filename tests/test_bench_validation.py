@@ -24,4 +24,5 @@ def test_validation_benchmark_on_cpu(tmp_path, capsys, monkeypatch):
     assert res["images"] == 3 and res["workers"] == 1 and len(res["rounds"]) == 2
     for r in res["rounds"]:
         assert r["images"] == 3 and r["seconds"] >= r["first_batch_seconds"] > 0 and r["images_per_second"] > 0
+        assert 0 <= r["loader_wait_seconds"] <= r["seconds"] - r["first_batch_seconds"]
     assert len(list((tmp_path / "cs" / "leftImg8bit" / "val").rglob("*_leftImg8bit.png"))) == 3

@@ -66,7 +66,7 @@ def test_every_method_runs_two_iterations(synth_root: Path, tmp_path: Path, meth
     for r in train_recs:
         assert all(isinstance(v, float) and v == v for k, v in r.items() if k not in ("kind", "iteration", "time"))
     distill_terms = {k for r in train_recs for k in r} - {"kind", "iteration", "time", "ce", "aux", "loss", "lr",
-                                                          "train_seconds"}
+                                                          "train_seconds", "data_wait_seconds"}
     assert bool(distill_terms) == bool(losses), distill_terms  # every method logs its own terms, the baseline none
     assert result.final_metrics is not None and 0.0 <= result.best_miou <= 1.0
 
@@ -168,7 +168,8 @@ def test_cuda_graphs_over_the_whole_step_train_and_validate_as_eager_mode(synth_
         result = Trainer(config_from_dict(cfg), progress=False).fit()
         assert result.iterations == 6 and result.final_metrics is not None
         curves[name] = {r["iteration"]: {k: v for k, v in r.items()
-                                         if k not in ("kind", "iteration", "time", "train_seconds", "lr")}
+                                         if k not in ("kind", "iteration", "time", "train_seconds", "lr",
+                                                      "data_wait_seconds")}
                         for r in read_records(tmp_path / name / "log.jsonl", "train")}
         assert sorted(curves[name]) == list(range(1, 7))
         assert len(read_records(tmp_path / name / "log.jsonl", "val")) == 2
@@ -227,6 +228,31 @@ def test_time_budget_counts_a_loader_slower_than_the_step(
     assert result.train_seconds <= 1.5 * 2.0 + trainer.step_seconds
     budget = read_records(tmp_path / "slow" / "log.jsonl", "budget")[0]
     assert budget["step_seconds"] == pytest.approx(trainer.step_seconds)
+
+
+def test_the_run_records_its_wait_for_a_slow_loader(synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from cskd.engine.sampling import SeededSamples
+
+    load = SeededSamples.__getitem__
+
+    def slow(self, index):  # noqa: ANN001, ANN202
+        time.sleep(0.05)
+        return load(self, index)
+
+    monkeypatch.setattr(SeededSamples, "__getitem__", slow)
+    raw = tiny_config(synth_root, tmp_path / "slow", None, batch_size=4, budget={"iterations": 4}, save_every=2)
+    result = Trainer(config_from_dict(raw), progress=False).fit()
+    # 3 steady steps (the first step's wait is the first step's), each waiting for 4 images of 50 ms in process
+    assert 3 * 4 * 0.05 * 0.9 <= result.data_wait_seconds <= result.train_seconds
+    recs = read_records(tmp_path / "slow" / "log.jsonl", "train")
+    waits = [r["data_wait_seconds"] for r in recs]
+    assert waits == sorted(waits) and waits[-1] == pytest.approx(result.data_wait_seconds)
+    summary = read_records(tmp_path / "slow" / "log.jsonl", "summary")[-1]
+    assert summary["data_wait_seconds"] == pytest.approx(result.data_wait_seconds)
+    assert safe_load(tmp_path / "slow" / "last.pt")["data_wait_seconds"] == pytest.approx(result.data_wait_seconds)
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done:")][-1]
+    assert f"waiting for data {result.data_wait_seconds:.1f} s of it" in done
 
 
 def test_step_tally_means_and_first_nonfinite_step() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -318,6 +319,31 @@ def test_inference_benchmark_runs_on_cpu(tmp_path, capsys) -> None:
     assert [(r["mode"], r["crop"]) for r in rows] == [("whole", None), ("slide", [16, 32])]
     assert all(r["median_ms"] > 0 for r in rows)
     assert "| deeplabv3-mobilenetv2 | slide 16×32 | 32×64 |" in capsys.readouterr().out
+
+
+class SlowSet(TinySet):
+    """Each item takes ``delay`` seconds to load, as a slow decode would."""
+
+    def __init__(self, delay: float, **kw) -> None:  # noqa: ANN003
+        super().__init__(**kw)
+        self.delay = delay
+
+    def __getitem__(self, i: int) -> dict:
+        time.sleep(self.delay)
+        return self.items[i]
+
+
+def test_evaluate_times_the_wait_for_the_loader_after_the_first_batch() -> None:
+    net = Pointwise()
+    slow: dict[str, float] = {}
+    evaluate(net, DataLoader(SlowSet(0.05, n=5), batch_size=1, collate_fn=collate_eval), num_classes=K,
+             device="cpu", progress=False, timing=slow)
+    assert slow["loader_wait_seconds"] >= 4 * 0.05 * 0.9  # batches 2-5; the first one's wait is its own figure
+    assert slow["loader_wait_seconds"] <= 4 / slow["images_per_second"]  # part of the time after the first batch
+    ready: dict[str, float] = {}
+    evaluate(net, DataLoader(TinySet(n=5), batch_size=1, collate_fn=collate_eval), num_classes=K, device="cpu",
+             progress=False, timing=ready)
+    assert 0 <= ready["loader_wait_seconds"] < 0.05
 
 
 def test_evaluate_channels_last_eager_stance_and_timing_keep_the_metrics() -> None:

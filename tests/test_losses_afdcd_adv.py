@@ -322,7 +322,8 @@ def test_discriminator_is_not_in_the_students_optimiser(synth_root: Path, tmp_pa
 
 
 def _losses_by_iteration(run: Path) -> dict[int, dict[str, float]]:
-    return {r["iteration"]: {k: v for k, v in r.items() if k not in ("kind", "iteration", "time", "train_seconds")}
+    return {r["iteration"]: {k: v for k, v in r.items() if k not in ("kind", "iteration", "time", "train_seconds",
+                                                                   "data_wait_seconds")}
             for r in read_records(run / "log.jsonl", "train")}
 
 

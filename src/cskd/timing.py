@@ -6,13 +6,34 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
 MIN_TIMED = 3
+T = TypeVar("T")
+
+
+class WaitClock(Generic[T]):
+    """An iterator over ``items`` that adds up the host seconds spent waiting for each next item: a loop's wait for
+    its data loader. A loop fed faster than it works waits ~0 (the batches are ready); a loop that waits for a
+    large share of its time is loader-bound."""
+
+    def __init__(self, items: Iterable[T]) -> None:
+        self._items: Iterator[T] = iter(items)
+        self.seconds = 0.0
+
+    def __iter__(self) -> WaitClock[T]:
+        return self
+
+    def __next__(self) -> T:
+        start = time.perf_counter()
+        try:
+            return next(self._items)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 def time_calls(
@@ -92,4 +113,4 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
     return env
 
 
-__all__ = ["MIN_TIMED", "cpu_name", "environment", "time_calls"]
+__all__ = ["MIN_TIMED", "WaitClock", "cpu_name", "environment", "time_calls"]

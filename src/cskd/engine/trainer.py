@@ -34,6 +34,7 @@ from ..checkpoints.files import (atomic_save, capture_rng, first_nonfinite, name
                                  resume_difference, run_environment, safe_load)
 from ..checkpoints.weights import load_weights
 from ..distributed import DistEnv, all_gather_objects, barrier, init_distributed
+from ..timing import WaitClock
 from .config import ExperimentConfig, save_config
 from .records import RunRecorder, read_records
 from .runlock import RunLock
@@ -108,6 +109,9 @@ class TrainResult:
     best_iteration: int | None
     final_metrics: dict[str, Any] | None
     images_per_second: float
+    data_wait_seconds: float = 0.0
+    """Of ``train_seconds``, the host's wait for the next batch: near 0 when the loader keeps up with the step;
+    a large share means the run is loader-bound (more ``data.workers``, ``data.cache``, GPU decode)."""
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -195,6 +199,7 @@ class Trainer:
 
         self.iteration = 0
         self.train_seconds = 0.0
+        self.data_wait_seconds = 0.0
         self.warmup_seconds = 0.0
         self.warmup_steps = 0
         self.eval_seconds = 0.0
@@ -364,6 +369,7 @@ class Trainer:
             "total_iterations": self.total_iterations,
             "step_seconds": self._step_seconds,
             "train_seconds": self.train_seconds,
+            "data_wait_seconds": self.data_wait_seconds,
             "warmup_seconds": self.warmup_seconds,
             "warmup_steps": self.warmup_steps,
             "eval_seconds": self.eval_seconds,
@@ -428,6 +434,7 @@ class Trainer:
         self.iteration = int(ckpt["iteration"])
         self._step_seconds = ckpt.get("step_seconds")
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
+        self.data_wait_seconds = float(ckpt.get("data_wait_seconds", 0.0))
         self.warmup_seconds = float(ckpt.get("warmup_seconds", 0.0))
         self.warmup_steps = int(ckpt.get("warmup_steps", 0))
         self.eval_seconds = float(ckpt.get("eval_seconds", 0.0))
@@ -526,17 +533,18 @@ class Trainer:
         total = self.total_iterations
         assert total is not None
         val_every = max(1, total // train_cfg.val_points) if train_cfg.val_points else train_cfg.val_every
-        batches = iter(_infinite(self._make_train_loader(self.iteration)))
+        batches = WaitClock(_infinite(self._make_train_loader(self.iteration)))
         self.step_module.train()
         tally = StepTally(self.device)
         first = self.iteration
         window_start = time.perf_counter()
+        waited = 0.0  # batches.seconds at the window's start
         while self.iteration < total:
             loss, terms = self.runner.step(*self.runner.prepare(next(batches)))
             self.iteration += 1
             it = self.iteration
-            if it == first + 1:
-                window_start = self._time_first_step(window_start)
+            if it == first + 1:  # the first step's wait (the workers' start) goes with it, out of the training time
+                window_start, waited = self._time_first_step(window_start), batches.seconds
             tally.add(it, loss, terms)
             at_log = it % train_cfg.log_every == 0 or it == total
             at_save = it % train_cfg.save_every == 0 or it == total
@@ -545,12 +553,13 @@ class Trainer:
                 continue
             self.runner.sync()
             self.train_seconds += time.perf_counter() - window_start
+            self.data_wait_seconds += batches.seconds - waited
             self._log_interval(recorder, tally)
             if at_val:
                 self._validate(recorder)
             if at_save:
                 self.save("last.pt")
-            window_start = time.perf_counter()
+            window_start, waited = time.perf_counter(), batches.seconds
 
     def _time_first_step(self, started: float) -> float:
         """The first step of a process pays for compilation and cuDNN autotuning: timed on its own and kept out of
@@ -582,6 +591,7 @@ class Trainer:
         means = tally.read_means()
         means["lr"] = self.runner.optimizer.param_groups[0]["lr"]
         means["train_seconds"] = self.train_seconds
+        means["data_wait_seconds"] = self.data_wait_seconds
         recorder.write("train", self.iteration, means)
         recorder.advance(count, {k: means[k] for k in ("loss", "lr") if k in means})
 
@@ -594,7 +604,8 @@ class Trainer:
         recorder.write("val", it, {"miou": miou, "pixel_acc": metrics.pixel_acc, "mean_acc": metrics.mean_acc,
                                    "train_seconds": self.train_seconds, "seconds": timing["seconds"],
                                    "first_batch_seconds": timing.get("first_batch_seconds"),
-                                   "images_per_second": timing.get("images_per_second")})
+                                   "images_per_second": timing.get("images_per_second"),
+                                   "loader_wait_seconds": timing.get("loader_wait_seconds")})
         recorder.message(f"iteration {it}/{self.total_iterations}: val mIoU {100 * miou:.2f}%")
         self.last_metrics = metrics
         if self.best_miou is None or miou > self.best_miou:
@@ -614,6 +625,7 @@ class Trainer:
             final_metrics=metrics.to_dict() if metrics is not None else None,
             images_per_second=((self.iteration - self.warmup_steps) * self.cfg.train.batch_size / self.train_seconds)
             if self.train_seconds else 0.0,
+            data_wait_seconds=self.data_wait_seconds,
             history=read_records(self.run_dir / "log.jsonl") if self.env.is_main else [],
         )
 
@@ -627,6 +639,7 @@ class Trainer:
             "first_val_seconds": result.first_val_seconds,
             "first_val_first_batch_seconds": result.first_val_first_batch_seconds,
             "checkpoint_seconds": result.checkpoint_seconds, "images_per_second": result.images_per_second,
+            "data_wait_seconds": result.data_wait_seconds,
             "best_miou": result.best_miou, "best_iteration": result.best_iteration,
             "compile_cache": str(self.runner.compile_cache.folder) if self.runner.compile_cache else None,
         })
@@ -639,7 +652,8 @@ class Trainer:
         first_val = f"; first validation {result.first_val_seconds:.1f} s (first batch " \
             f"{result.first_val_first_batch_seconds or 0.0:.1f} s)" if result.first_val_seconds is not None else ""
         print(f"done: {self.iteration} iterations, {self.train_seconds:.1f} s of training "
-              f"({result.images_per_second:.1f} img/s; first step {self.warmup_seconds:.1f} s, not counted"
+              f"({result.images_per_second:.1f} img/s; waiting for data {result.data_wait_seconds:.1f} s of it; "
+              f"first step {self.warmup_seconds:.1f} s, not counted"
               f"{startup}{first_val}), {best}; checkpoints in {self.run_dir}", flush=True)
 
     def _kept(self, path: Path | None = None) -> str:

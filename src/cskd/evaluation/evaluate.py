@@ -16,6 +16,7 @@ from ..constants import IGNORE_INDEX
 from ..data.normalize import normalize
 from ..data.workers import iterate as iterate_loader
 from ..errors import DataError
+from ..timing import WaitClock
 from .inference import Mode, predict_logits
 from .metrics import ConfusionMatrix, SegMetrics
 
@@ -119,7 +120,9 @@ def evaluate(
 
     ``timing``, a dict, receives ``first_batch_seconds`` (from the call to the end of the first batch: the loader's
     first decode, and a compile or cuDNN autotuning for a new size), ``images`` and ``images_per_second`` after
-    the first batch, metric included (one device synchronisation, after the first batch, is added for it).
+    the first batch, metric included (one device synchronisation, after the first batch, is added for it), and
+    ``loader_wait_seconds``, the host's wait for batches after the first one: near 0 when the loader keeps up, most
+    of the time after the first batch when the loop is loader-bound.
     """
     device = torch.device(device)
     net = unwrap_model(model)
@@ -138,8 +141,10 @@ def evaluate(
     scored = first_scored = 0
     stance = torch.compiler.set_stance("force_eager") if not compiled and hasattr(torch.compiler, "set_stance") \
         else nullcontext()
+    batches = WaitClock(iterate_loader(loader))
+    waited_at_first = 0.0
     with eval_mode(net), torch.inference_mode(), stance:
-        for i, batch in enumerate(iterate_loader(loader)):
+        for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
             if "mask" not in batch:
@@ -160,6 +165,7 @@ def evaluate(
             if timing is not None and first_done is None:
                 _sync(device)
                 first_done, first_scored = time.perf_counter(), scored
+                waited_at_first = batches.seconds
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -171,6 +177,7 @@ def evaluate(
         timing["images"] = float(scored)
         rest = scored - first_scored
         timing["images_per_second"] = rest / (end - first_done) if first_done is not None and rest else float("nan")
+        timing["loader_wait_seconds"] = batches.seconds - waited_at_first
     return metrics
 
 
