@@ -211,13 +211,23 @@ def profile(args: argparse.Namespace, device: torch.device, size: tuple[int, int
         runner.step(x, masks)
     runner.sync()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch_profile(activities=acts) as prof:
+    with torch_profile(activities=acts, record_shapes=True) as prof:  # shapes: which convolution a kernel serves
         for _ in range(5):
             runner.step(x, masks)
         runner.sync()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\nprofile of 5 '{args.profile}' steps, by self {key.split('_')[1]} time:")
     print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+    print("\nthe same, by operator and input shapes:")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=25, max_name_column_width=40,
+                                                             max_shapes_column_width=90))
+    total = prof.key_averages().total_average()
+    host_ms = total.self_cpu_time_total / 5 / 1000
+    line = f"per step: host {host_ms:.1f} ms of self CPU time (profiler overhead included)"
+    if device.type == "cuda":
+        dev_us = getattr(total, "self_device_time_total", None) or getattr(total, "self_cuda_time_total", 0.0)
+        line += f", GPU {dev_us / 5 / 1000:.1f} ms of kernels"
+    print(line)
     if args.out:
         prof.export_chrome_trace(args.out.rsplit(".", 1)[0] + f"_{args.profile}_trace.json")
 

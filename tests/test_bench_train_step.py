@@ -31,3 +31,16 @@ def test_rows_carry_every_timed_step(tmp_path):
     assert len(row["step_s"]) == 3 and all(t > 0 for t in row["step_s"])
     assert sorted(row["step_s"])[1] == row["median_s"]
     assert row["gc_collections"] >= 0 and row["gc_seconds"] >= 0
+
+
+def test_profile_prints_kernels_by_shape_and_the_host_time_per_step(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    train_step.main(["--device", "cpu", "--batch", "2", "--size", "32", "64", "--iters", "2", "--warmup", "1",
+                     "--methods", "student", "--num-classes", "5", "--dtype", "fp32", "--no-flops",
+                     "--profile", "student", "--out", str(out)])
+    text = capsys.readouterr().out
+    shapes = text.split("by operator and input shapes:")[1]
+    assert "aten::convolution" in shapes and "[[2, 3, 32, 64]" in shapes  # the student's first convolution's input
+    host_ms = float(text.split("per step: host ")[1].split(" ms")[0])
+    assert host_ms > 0
+    assert (tmp_path / "step_student_trace.json").stat().st_size > 0
