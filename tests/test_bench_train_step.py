@@ -40,7 +40,8 @@ def test_profile_prints_kernels_by_shape_and_the_host_time_per_step(tmp_path, ca
                      "--profile", "student", "--out", str(out)])
     text = capsys.readouterr().out
     shapes = text.split("by operator and input shapes:")[1]
-    assert "aten::convolution" in shapes and "[[2, 3, 32, 64]" in shapes  # the student's first convolution's input
+    # the costliest rows are convolutions (which ones depends on the machine), each with its batch-2 input shape
+    assert any("convolution" in line and "[[2, " in line for line in shapes.splitlines())
     host_ms = float(text.split("per step: host ")[1].split(" ms")[0])
     assert host_ms > 0
     assert (tmp_path / "step_student_trace.json").stat().st_size > 0
