@@ -204,10 +204,9 @@ def test_nonfinite_loss_stops_with_iteration_and_terms_and_keeps_the_checkpoint(
     assert safe_load(tmp_path / "nan" / "last.pt")["iteration"] == 2  # the good one, untouched
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_time_budget_counts_a_loader_slower_than_the_step(
-    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
-) -> None:
+@pytest.fixture
+def slow_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every training sample takes 50 ms more to load (in the workers too: they are forked with the patch)."""
     from cskd.engine.sampling import SeededSamples
 
     load = SeededSamples.__getitem__
@@ -217,6 +216,12 @@ def test_time_budget_counts_a_loader_slower_than_the_step(
         return load(self, index)
 
     monkeypatch.setattr(SeededSamples, "__getitem__", slow)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_time_budget_counts_a_loader_slower_than_the_step(
+    synth_root: Path, tmp_path: Path, slow_samples: None, workers: int
+) -> None:
     raw = tiny_config(synth_root, tmp_path / "slow", None, batch_size=4,
                       budget={"gpu_seconds": 2.0, "warmup_steps": 1, "calibration_steps": 3})
     raw["data"]["workers"] = workers
@@ -230,17 +235,8 @@ def test_time_budget_counts_a_loader_slower_than_the_step(
     assert budget["step_seconds"] == pytest.approx(trainer.step_seconds)
 
 
-def test_the_run_records_its_wait_for_a_slow_loader(synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_the_run_records_its_wait_for_a_slow_loader(synth_root: Path, tmp_path: Path, slow_samples: None,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from cskd.engine.sampling import SeededSamples
-
-    load = SeededSamples.__getitem__
-
-    def slow(self, index):  # noqa: ANN001, ANN202
-        time.sleep(0.05)
-        return load(self, index)
-
-    monkeypatch.setattr(SeededSamples, "__getitem__", slow)
     raw = tiny_config(synth_root, tmp_path / "slow", None, batch_size=4, budget={"iterations": 4}, save_every=2)
     result = Trainer(config_from_dict(raw), progress=False).fit()
     # 3 steady steps (the first step's wait is the first step's), each waiting for 4 images of 50 ms in process
