@@ -13,6 +13,7 @@
 #   step_cg   the same with CUDA graphs over the whole step (--compile-mode reduce-overhead)
 #   profile   torch.profiler over 5 compiled CSKD steps (top kernels; Chrome trace)
 #   loop      the real loop: 600 iterations of `cskd distill` on 256 synthetic 1024×2048 PNGs, 14 workers, data.cache
+#   loop_warm the loop again, 100 iterations: its first step reads the compile cache the first run wrote (warm start-up)
 #   loop_cg   the same with CUDA graphs over the whole step (train.compile_mode=reduce-overhead)
 #   scaling   compiled CWD and CSKD steps for B ∈ {8, 16} × crops 512×1024, 768×1536, 1024×2048
 #   val       validation at 1024×2048 as the Trainer runs it (DeepLabV3-R18, 64 images, 14 workers, 3 rounds)
@@ -56,6 +57,9 @@ for stage in "$@"; do
                --profile cskd --out "$out/profile_h200.json" ;;
     loop) run loop "$py" "$here/train_loop.py" --data "$data" --images 256 --iterations 600 \
             --set data.workers=14 --set "data.cache=$cache" --out "$out/train_loop_h200.json" ;;
+    loop_warm) run loop_warm "$py" "$here/train_loop.py" --data "$data" --images 256 --iterations 100 --window 50 \
+                 --step-iters 10 --set data.workers=14 --set "data.cache=$cache" \
+                 --out "$out/train_loop_h200_warm.json" ;;
     loop_cg) run loop_cg "$py" "$here/train_loop.py" --data "$data" --images 256 --iterations 600 \
                --set data.workers=14 --set "data.cache=$cache" --set train.compile_mode=reduce-overhead \
                --out "$out/train_loop_h200_cudagraphs.json" ;;
@@ -69,6 +73,6 @@ for stage in "$@"; do
       done ;;
     val) run val "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 --set data.workers=14 \
            --out "$out/validation_h200.json" ;;
-    *) echo "unknown stage '$stage' (levers step step_s2b step_fp8 step_cg profile loop loop_cg scaling val)"; exit 2 ;;
+    *) echo "unknown stage '$stage' (levers step step_s2b step_fp8 step_cg profile loop loop_warm loop_cg scaling val)"; exit 2 ;;
   esac
 done

@@ -45,3 +45,16 @@ def test_profile_prints_kernels_by_shape_and_the_host_time_per_step(tmp_path, ca
     host_ms = float(text.split("per step: host ")[1].split(" ms")[0])
     assert host_ms > 0
     assert (tmp_path / "step_student_trace.json").stat().st_size > 0
+
+
+def test_kernel_time_counts_device_kernels_not_the_annotated_ranges_around_them():
+    from types import SimpleNamespace as Event
+
+    from torch.autograd import DeviceType
+
+    events = [Event(device_type=DeviceType.CUDA, is_user_annotation=False, self_device_time_total=300.0),
+              Event(device_type=DeviceType.CUDA, is_user_annotation=False, self_device_time_total=200.0),
+              # a compiled graph's range on the GPU timeline: it spans the two kernels above
+              Event(device_type=DeviceType.CUDA, is_user_annotation=True, self_device_time_total=500.0),
+              Event(device_type=DeviceType.CPU, is_user_annotation=False, self_device_time_total=0.0)]
+    assert train_step.kernel_time_us(events) == 500.0

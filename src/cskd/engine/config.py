@@ -148,7 +148,9 @@ class TrainConfig:
     aux_weight: float = 0.4
     seed: int = 0
     deterministic: bool = False
-    """Deterministic kernels (slower); with it, a run and its kill-and-resume twin give identical losses on CPU."""
+    """Deterministic kernels (slower); with it, a run and its kill-and-resume twin give identical losses on CPU. On
+    CUDA, ops that have no deterministic kernel there (the 2-D cross-entropy's forward, bilinear upsampling's
+    backward, adaptive pooling's backward) warn once, naming the op, and run as usual."""
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     """auto: bf16 autocast on CUDA, none on CPU. fp16 uses a GradScaler."""
     teacher_precision: Literal["amp", "fp8"] = "amp"

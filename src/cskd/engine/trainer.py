@@ -261,10 +261,17 @@ class Trainer:
         train_cfg = self.cfg.train
         if train_cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+            # warn_only: CUDA has no deterministic kernel for ops every model here runs (nll_loss2d's forward,
+            # upsample_bilinear2d's backward); raising would make the option unusable on a GPU.
+            torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-        elif self.device.type == "cuda":
+            return
+        # Process-wide switches: set both ways, so a deterministic run does not leave the next Trainer of the same
+        # process (a notebook, a study, a test session) in deterministic mode.
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = train_cfg.cudnn_benchmark
 
     def _resume_path(self, resume: str | None, overwrite: bool) -> Path | None:
