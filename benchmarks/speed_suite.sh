@@ -31,6 +31,7 @@ data=${DATA:-/tmp/cs_synth}
 cache=${CACHE:-/tmp/cs_cache}
 # shellcheck disable=SC2206  # STEP_ARGS is meant to split into words
 step=("$py" "$here/train_step.py" --compile --no-flops --warmup 10 --iters 120 --methods teacher,cwd,cskd ${STEP_ARGS:-})
+loop=("$py" "$here/train_loop.py" --data "$data" --images 256 --set data.workers=14 --set "data.cache=$cache")
 
 run() {  # run NAME CMD...: log to OUT/NAME.log, say how it ended
   local name=$1
@@ -55,13 +56,10 @@ for stage in "$@"; do
     step_cg) run step_cg "${step[@]}" --compile-mode reduce-overhead --out "$out/train_step_h200_cudagraphs.json" ;;
     profile) run profile "$py" "$here/train_step.py" --compile --no-flops --warmup 10 --iters 20 --methods cskd \
                --profile cskd --out "$out/profile_h200.json" ;;
-    loop) run loop "$py" "$here/train_loop.py" --data "$data" --images 256 --iterations 600 \
-            --set data.workers=14 --set "data.cache=$cache" --out "$out/train_loop_h200.json" ;;
-    loop_warm) run loop_warm "$py" "$here/train_loop.py" --data "$data" --images 256 --iterations 100 --window 50 \
-                 --step-iters 10 --set data.workers=14 --set "data.cache=$cache" \
+    loop) run loop "${loop[@]}" --iterations 600 --out "$out/train_loop_h200.json" ;;
+    loop_warm) run loop_warm "${loop[@]}" --iterations 100 --window 50 --step-iters 10 \
                  --out "$out/train_loop_h200_warm.json" ;;
-    loop_cg) run loop_cg "$py" "$here/train_loop.py" --data "$data" --images 256 --iterations 600 \
-               --set data.workers=14 --set "data.cache=$cache" --set train.compile_mode=reduce-overhead \
+    loop_cg) run loop_cg "${loop[@]}" --iterations 600 --set train.compile_mode=reduce-overhead \
                --out "$out/train_loop_h200_cudagraphs.json" ;;
     scaling)
       for b in 8 16; do

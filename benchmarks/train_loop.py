@@ -149,8 +149,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{step_ips:.1f} img/s ({1000 * step_s:.1f} ms/step); loop/step {100 * res['ratio']:.1f} % "
           f"({100 * res['ratio_after_first_window']:.1f} % after the first window); the loop waited for data "
           f"{res['data_wait_s']:.1f} s ({100 * res['data_wait_share']:.1f} % of its training time)")
-    print(f"first step {res['first_step_s']:.1f} s; start-up (Trainer start to the end of the first step) "
-          f"{res['startup_s']:.1f} s")
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
     return 0

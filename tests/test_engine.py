@@ -186,12 +186,16 @@ def _train_then_step_twice(synth_root: Path, out: Path, device: str, compiled: b
     assert all(v == v and abs(v) != float("inf") for terms in curve for v in terms.values()), curve
     assert all(a != b for a, b in itertools.pairwise(curve)), curve  # each record holds its own step's terms
 
+    def values(step: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> dict[str, float]:
+        total, terms = step
+        return {"loss": total.item(), **{k: v.item() for k, v in terms.items()}}
+
     runner = trainer.runner
-    total, terms = runner.step(*runner.prepare(runner.random_batch(TINY, seed=1)))
-    kept = {"loss": total.item(), **{k: v.item() for k, v in terms.items()}}
-    total2, terms2 = runner.step(*runner.prepare(runner.random_batch(TINY, seed=2)))
-    assert {"loss": total.item(), **{k: v.item() for k, v in terms.items()}} == kept  # not overwritten
-    assert {"loss": total2.item(), **{k: v.item() for k, v in terms2.items()}} != kept
+    first = runner.step(*runner.prepare(runner.random_batch(TINY, seed=1)))
+    kept = values(first)
+    second = runner.step(*runner.prepare(runner.random_batch(TINY, seed=2)))
+    assert values(first) == kept  # not overwritten by the second step's replay
+    assert values(second) != kept
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

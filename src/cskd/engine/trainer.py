@@ -259,19 +259,18 @@ class Trainer:
 
     def _configure_backends(self) -> None:
         train_cfg = self.cfg.train
-        if train_cfg.deterministic:
+        deterministic = train_cfg.deterministic
+        if deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            # warn_only: CUDA has no deterministic kernel for ops every model here runs (nll_loss2d's forward,
-            # upsample_bilinear2d's backward); raising would make the option unusable on a GPU.
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        # Process-wide switches, set both ways on every run: a deterministic run must not leave the next Trainer of
+        # the same process (a notebook, a study, a test session) in deterministic mode. warn_only: CUDA has no
+        # deterministic kernel for ops every model here runs (nll_loss2d's forward, upsample_bilinear2d's
+        # backward); raising would make the option unusable on a GPU.
+        torch.use_deterministic_algorithms(deterministic, warn_only=deterministic)
+        torch.backends.cudnn.deterministic = deterministic
+        if deterministic:
             torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
-            return
-        # Process-wide switches: set both ways, so a deterministic run does not leave the next Trainer of the same
-        # process (a notebook, a study, a test session) in deterministic mode.
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
-        if self.device.type == "cuda":
+        elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = train_cfg.cudnn_benchmark
 
     def _resume_path(self, resume: str | None, overwrite: bool) -> Path | None:
