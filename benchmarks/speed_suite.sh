@@ -7,19 +7,23 @@
 #
 # Stages:
 #   levers    per-shape dilated-conv and FP8 1×1 timings (benchmarks/conv_levers.py)
+#   kernels   the cross-entropy (eager, compiled) and the teacher's forward (conv epilogues separate, fused)
+#             (benchmarks/kernel_levers.py)
 #   step      compiled teacher-only, CWD and CSKD steps, B = 8, 512×1024, 120 timed iterations
 #   step_s2b  the same with train.dilated_convs=space_to_batch
 #   step_fp8  the same with train.teacher_precision=fp8
 #   step_cg   the same with CUDA graphs over the whole step (--compile-mode reduce-overhead)
+#   step_unfused the same with train.teacher_conv_fusion=false (the teacher's conv epilogues as separate kernels)
 #   profile   torch.profiler over 5 compiled CSKD steps (top kernels; Chrome trace)
 #   loop      the real loop: 600 iterations of `cskd distill` on 256 synthetic 1024×2048 PNGs, 14 workers, data.cache
 #   loop_warm the loop again, 100 iterations: its first step reads the compile cache the first run wrote (warm start-up)
 #   loop_cg   the same with CUDA graphs over the whole step (train.compile_mode=reduce-overhead)
+#   loop_nocache the loop without data.cache: every sample decoded from its PNG (a dataset's first epoch)
 #   scaling   compiled CWD and CSKD steps for B ∈ {8, 16} × crops 512×1024, 768×1536, 1024×2048
 #   val       validation at 1024×2048 as the Trainer runs it (DeepLabV3-R18, 64 images, 14 workers, 3 rounds)
 # Environment: DATA (default /tmp/cs_synth) and CACHE (default /tmp/cs_cache) for the loop's images and cache;
 # VAL_DATA (default /tmp/cs_val) for the validation images; STEP_ARGS, extra train_step.py arguments for the step
-# stages (later ones win: STEP_ARGS="--device cpu --batch 1 --size 32 64 --iters 2 --warmup 1" checks the plumbing).
+# stages and LOOP_ARGS for the loop stages (later ones win: STEP_ARGS="--device cpu --batch 1 --size 32 64 --iters 2 --warmup 1" checks the plumbing).
 set -u
 out=${1:?usage: speed_suite.sh OUT STAGE...}
 shift
@@ -31,7 +35,8 @@ data=${DATA:-/tmp/cs_synth}
 cache=${CACHE:-/tmp/cs_cache}
 # shellcheck disable=SC2206  # STEP_ARGS is meant to split into words
 step=("$py" "$here/train_step.py" --compile --no-flops --warmup 10 --iters 120 --methods teacher,cwd,cskd ${STEP_ARGS:-})
-loop=("$py" "$here/train_loop.py" --data "$data" --images 256 --set data.workers=14 --set "data.cache=$cache")
+# shellcheck disable=SC2206
+loop=("$py" "$here/train_loop.py" --data "$data" --images 256 --set data.workers=14 ${LOOP_ARGS:-})
 
 run() {  # run NAME CMD...: log to OUT/NAME.log, say how it ended
   local name=$1
@@ -49,18 +54,22 @@ run() {  # run NAME CMD...: log to OUT/NAME.log, say how it ended
 for stage in "$@"; do
   case $stage in
     levers) run levers "$py" "$here/conv_levers.py" --out "$out/conv_levers_h200.json" ;;
+    kernels) run kernels "$py" "$here/kernel_levers.py" --out "$out/kernel_levers_h200.json" ;;
     step) run step "${step[@]}" --out "$out/train_step_h200.json" ;;
     step_s2b) run step_s2b "${step[@]}" --set train.dilated_convs=space_to_batch \
                 --out "$out/train_step_h200_space_to_batch.json" ;;
     step_fp8) run step_fp8 "${step[@]}" --set train.teacher_precision=fp8 --out "$out/train_step_h200_fp8.json" ;;
+    step_unfused) run step_unfused "${step[@]}" --set train.teacher_conv_fusion=false \
+                    --out "$out/train_step_h200_unfused.json" ;;
     step_cg) run step_cg "${step[@]}" --compile-mode reduce-overhead --out "$out/train_step_h200_cudagraphs.json" ;;
     profile) run profile "$py" "$here/train_step.py" --compile --no-flops --warmup 10 --iters 20 --methods cskd \
-               --profile cskd --out "$out/profile_h200.json" ;;
-    loop) run loop "${loop[@]}" --iterations 600 --out "$out/train_loop_h200.json" ;;
-    loop_warm) run loop_warm "${loop[@]}" --iterations 100 --window 50 --step-iters 10 \
+               --profile cskd ${STEP_ARGS:-} --out "$out/profile_h200.json" ;;
+    loop) run loop "${loop[@]}" --set "data.cache=$cache" --iterations 600 --out "$out/train_loop_h200.json" ;;
+    loop_warm) run loop_warm "${loop[@]}" --set "data.cache=$cache" --iterations 100 --window 50 --step-iters 10 \
                  --out "$out/train_loop_h200_warm.json" ;;
-    loop_cg) run loop_cg "${loop[@]}" --iterations 600 --set train.compile_mode=reduce-overhead \
-               --out "$out/train_loop_h200_cudagraphs.json" ;;
+    loop_cg) run loop_cg "${loop[@]}" --set "data.cache=$cache" --iterations 600 \
+               --set train.compile_mode=reduce-overhead --out "$out/train_loop_h200_cudagraphs.json" ;;
+    loop_nocache) run loop_nocache "${loop[@]}" --iterations 600 --out "$out/train_loop_h200_nocache.json" ;;
     scaling)
       for b in 8 16; do
         for size in "512 1024" "768 1536" "1024 2048"; do
@@ -71,6 +80,6 @@ for stage in "$@"; do
       done ;;
     val) run val "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 --set data.workers=14 \
            --out "$out/validation_h200.json" ;;
-    *) echo "unknown stage '$stage' (levers step step_s2b step_fp8 step_cg profile loop loop_warm loop_cg scaling val)"; exit 2 ;;
+    *) echo "unknown stage '$stage' (levers kernels step step_s2b step_fp8 step_cg step_unfused profile loop loop_warm loop_cg loop_nocache scaling val)"; exit 2 ;;
   esac
 done

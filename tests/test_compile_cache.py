@@ -58,6 +58,9 @@ def test_the_key_follows_the_graphs_not_the_weight_files(tmp_path: Path) -> None
     assert _key(s2b) != base  # other graphs; the default leaves the key as it was
     assert "dilated_convs" not in key_parts(_cfg(tmp_path), torch.device("cpu"), 13, 2, 1)
     parts = key_parts(_cfg(tmp_path), torch.device("cpu"), 13, 2, 1)
+    unfused = config_from_dict({**_cfg(tmp_path).to_dict(), "train": {**_cfg(tmp_path).to_dict()["train"],
+                                                                      "teacher_conv_fusion": False}})
+    assert _key(unfused) == base  # the CPU runs the teacher's plain convs either way
     assert parts["torch"] == torch.__version__ and parts["device"].startswith("cpu")
 
 
@@ -122,3 +125,17 @@ def test_saved_artifacts_preload_a_new_process(tmp_path: Path) -> None:
     shutil.rmtree(folder / "inductor")  # only the artifacts file is left, as on a fresh machine given the file
     loaded, _, misses = run()
     assert loaded == "True" and int(misses) == 0
+
+
+def test_the_fused_teacher_of_a_cuda_run_has_its_own_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cskd.engine.compile_cache as cc
+
+    monkeypatch.setattr(cc, "device_name", lambda device: "a GPU")  # no CUDA needed to build the key
+    cuda = torch.device("cuda")
+
+    def key(**train: object) -> str:
+        raw = _cfg(tmp_path).to_dict()
+        return cache_key(key_parts(config_from_dict({**raw, "train": {**raw["train"], **train}}), cuda, 13, 2, 1))
+
+    assert key() != key(teacher_conv_fusion=False)  # the default fuses on CUDA: other graphs
+    assert key(teacher_conv_fusion=False) == key(teacher_conv_fusion=False)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,28 @@ def test_cuda_graphs_over_the_whole_step_keep_each_steps_terms_through_replays_a
     _train_then_step_twice(synth_root, tmp_path / "graphs", "cuda", compiled=True)
 
 
+@pytest.mark.parametrize("device,fusion,fused", [
+    ("cpu", True, False),  # off CUDA the teacher keeps its plain convs: the fused kernels are cuDNN's
+    pytest.param("cuda", True, True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    pytest.param("cuda", False, False, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
+def test_the_runner_fuses_the_teachers_conv_epilogues_on_cuda_by_default(
+    synth_root: Path, tmp_path: Path, device: str, fusion: bool, fused: bool
+) -> None:
+    from cskd.distributed import DistEnv
+    from cskd.engine.runner import StepRunner
+    from cskd.models.epilogue import ConvReLU, FusedBasicBlock
+
+    amp = "bf16" if device == "cuda" else "none"
+    cfg = config_from_dict(tiny_config(synth_root, tmp_path / "f", [{"name": "cwd"}], device=device, amp=amp,
+                                       compile=False, teacher_conv_fusion=fusion))
+    runner = StepRunner(cfg, 13, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(device)), 3)
+    kinds = {type(m) for m in runner.teacher.modules()}
+    assert (FusedBasicBlock in kinds and ConvReLU in kinds) == fused
+    loss, terms = runner.step(*runner.prepare(runner.random_batch(TINY, seed=0)))
+    assert torch.isfinite(loss) and "cwd" in terms
+
+
 def test_each_steps_terms_are_its_own_eager(synth_root: Path, tmp_path: Path) -> None:
     """The same checks on the CPU, eager: the helper above is exercised without a GPU."""
     _train_then_step_twice(synth_root, tmp_path / "eager", "cpu", compiled=False)
@@ -374,21 +397,38 @@ def test_per_device_cka_refuses_two_images_per_process(synth_root: Path, tmp_pat
         StepRunner(cfg, 13, DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")), 2)
 
 
-def test_time_budget_plans_and_records_seconds(synth_root: Path, tmp_path: Path) -> None:
+def test_time_budget_plans_and_records_seconds(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a clock that only the steps move (1/8 s each: exact in binary, so the plan's division is too), so that the check holds on a loaded machine too (it did
+    not on wall time: a stall of other processes during the three calibration steps once made the plan six times
+    too short): the plan is the budget over the calibrated step, and the run's train time, which leaves out the
+    first (warm-up) step, evaluation and checkpoints, is the plan's."""
+    from cskd.engine.runner import StepRunner
+
+    clock = [1000.0]
+    step = StepRunner.step
+
+    def step_of_an_eighth_of_a_second(self, *args):  # noqa: ANN001, ANN202
+        clock[0] += 0.125
+        return step(self, *args)
+
+    monkeypatch.setattr(StepRunner, "step", step_of_an_eighth_of_a_second)
+    fake_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    fake_time.perf_counter = fake_time.monotonic = lambda: clock[0]
+    for module in ("runner", "trainer", "sampling"):  # the engine's clocks; evaluation keeps the real one
+        monkeypatch.setattr(f"cskd.engine.{module}.time", fake_time)
     cfg = config_from_dict(tiny_config(synth_root, tmp_path / "tb", None,
                                        budget={"gpu_seconds": 3.0, "warmup_steps": 1, "calibration_steps": 3}))
     trainer = Trainer(cfg, progress=False)
-    assert trainer.step_seconds is not None and trainer.step_seconds > 0
+    assert trainer.step_seconds == 0.125
     planned = trainer.total_iterations
-    assert planned == max(1, int(3.0 / trainer.step_seconds))
+    assert planned == 24
     result = trainer.fit()
     assert result.iterations == planned
-    assert result.planned_seconds == pytest.approx(planned * trainer.step_seconds)
-    # Training time excludes evaluation, checkpoints and the first (warm-up) step. The calibration times a few
-    # steps and batches apart, on a shared 2-core machine where timings of a few milliseconds jitter, so allow
-    # half the budget either way; a plan that ignored the step time would miss by far more.
-    assert result.warmup_seconds > 0
-    assert 0.5 * 3.0 <= result.train_seconds + trainer.step_seconds <= 1.5 * 3.0 + trainer.step_seconds
+    assert result.planned_seconds == pytest.approx(3.0)
+    assert result.warmup_seconds == pytest.approx(0.125)
+    assert result.train_seconds == pytest.approx(23 * 0.125)
     budget = read_records(tmp_path / "tb" / "log.jsonl", "budget")
     assert budget and budget[0]["planned_iterations"] == planned
 

@@ -61,3 +61,22 @@ def test_batchnorm_folding_is_exact_and_complete(model: str, backbone: str) -> N
 def test_folding_refuses_a_training_module() -> None:
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm_(build_segmentor("deeplabv3", "mobilenetv2", num_classes=3).train())
+
+
+def test_compiled_cross_entropy_gives_the_eager_value_and_gradient() -> None:
+    """StepModule.compile_ce's path against the eager one, on an independent reference (F.interpolate + CE)."""
+    from cskd.engine.step import StepModule
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 5, (2, 32, 48))
+    targets[1, :, :7] = 255
+    up = F.interpolate(logits, (32, 48), mode="bilinear", align_corners=True)
+    expected = F.cross_entropy(up, targets, ignore_index=255)
+    (g_ref,) = torch.autograd.grad(expected, logits)
+    step = StepModule(build_segmentor("fcn", "resnet18", 5, aux=False))
+    step.compile_ce()
+    got = segmentation_ce(logits, targets, step._upsampled_ce)
+    (g_got,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-10, atol=1e-12)

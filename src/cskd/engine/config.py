@@ -160,6 +160,12 @@ class TrainConfig:
     convolutions stay in the autocast dtype. Needs CUDA compute capability ≥ 8.9 (Ada, Hopper) on GPUs; ignored
     without a teacher (no distillation). Opt-in: on an H200 it saved 2.6 % of the teacher-only step and cost a
     trained DeepLabV3-R101 teacher 0.22 mIoU points (docs/benchmarks.md §8)."""
+    teacher_conv_fusion: bool = True
+    """On CUDA, the frozen teacher's conv epilogues (bias, ReLU, a ResNet block's residual add) run inside cuDNN's
+    convolution call instead of as separate elementwise kernels (cskd/models/epilogue.py): the same function,
+    with the epilogue added in float32 before rounding to the autocast dtype. On an H200 it took a DeepLabV3-R101
+    teacher's compiled forward from 20.2 to 17.1 ms and the compiled CSKD step from 44.8 to 41.5 ms (B = 8,
+    512×1024; docs/benchmarks.md §8). Not applied with teacher_precision fp8, nor off CUDA."""
     channels_last: bool = True
     compile: bool | None = None
     """torch.compile the trained model, the teacher and the losses; null = on CUDA yes, on the CPU no."""

@@ -26,6 +26,7 @@ from ..checkpoints.weights import load_teacher_weights, load_weights
 from ..distributed import DistEnv, all_gather_objects
 from ..models import build_segmentor
 from ..models.atrous import space_to_batch_dilated_
+from ..models.epilogue import fuse_conv_epilogues_
 from ..models.fp8 import cpu_scaled_mm_available, quantize_1x1_fp8_
 from ..models.fusion import fold_batchnorm_
 from ..models.segmentor import SegOutput, Segmentor
@@ -145,6 +146,8 @@ class StepRunner:
             fold_batchnorm_(teacher)
             if train_cfg.dilated_convs == "space_to_batch":
                 space_to_batch_dilated_(teacher)
+            if train_cfg.teacher_conv_fusion and self.device.type == "cuda" and train_cfg.teacher_precision == "amp":
+                fuse_conv_epilogues_(teacher)
             self.teacher = teacher.to(self.device, dtype=self.amp_dtype or torch.float32)
             for lc in cfg.losses:
                 if lc.name in losses:
@@ -189,6 +192,7 @@ class StepRunner:
             self._teacher_compile_mode = mode  # an FP8 teacher is compiled by quantize_teacher, once quantized
             for loss in step.losses.values():
                 loss.compile(mode=loss_mode)
+            step.compile_ce(mode=mode)
             self.cudagraphs = "reduce-overhead" in (mode, loss_mode) and self.device.type == "cuda"
         self.step_module = step
         self.student: Segmentor = step.model

@@ -8,7 +8,7 @@ them unsynchronised across GPUs. The benchmark times this same module, so benchm
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -43,24 +43,38 @@ def upsample_bilinear(logits: Tensor, size: tuple[int, int]) -> Tensor:
     Same values as ``F.interpolate`` (to float32 rounding), but its backward is two more matrix products instead of
     the scatter-with-atomics kernel that ``upsample_bilinear2d_backward`` runs: on an H100 at B=8, 19 classes,
     64×128 → 512×1024 that backward alone took 3.5 ms per call, twice per step (main and aux head)."""
-    h, w = logits.shape[-2:]
+    mh, mw = _upsampling_matrices(logits, size)
+    return _upsample_with(logits, mh, mw)
+
+
+def _upsampling_matrices(logits: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    mh = _interpolation_matrix(size[0], h, logits.device, dtype)
-    mw = _interpolation_matrix(size[1], w, logits.device, dtype)
-    b, c = logits.shape[:2]
+    h, w = logits.shape[-2:]
+    return (_interpolation_matrix(size[0], h, logits.device, dtype),
+            _interpolation_matrix(size[1], w, logits.device, dtype))
+
+
+def _upsample_with(logits: Tensor, mh: Tensor, mw: Tensor) -> Tensor:
+    (b, c, h, _), (out_h, out_w) = logits.shape, (mh.shape[0], mw.shape[0])
     with torch.autocast(logits.device.type, enabled=False):
-        rows = (logits.to(dtype) @ mw.T).reshape(b * c, h, size[1])
+        rows = (logits.to(mh.dtype) @ mw.T).reshape(b * c, h, out_w)
         # A batched product with the H matrix first keeps the result contiguous (B·C, H, W); ``mh @ rows`` with a
         # broadcast 2-D left operand would come back as a transposed view, and every elementwise kernel of the
         # cross-entropy after it would run on strided memory.
-        return torch.bmm(mh.expand(b * c, -1, -1), rows).view(b, c, size[0], size[1])
+        return torch.bmm(mh.expand(b * c, -1, -1), rows).view(b, c, out_h, out_w)
 
 
-def segmentation_ce(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy with logits upsampled (bilinear, align_corners=True, as published) to the label size."""
-    if logits.shape[-2:] != targets.shape[-2:]:
-        logits = upsample_bilinear(logits, tuple(targets.shape[-2:]))
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+def _upsampled_ce(logits: Tensor, targets: Tensor, mh: Tensor, mw: Tensor) -> Tensor:
+    return F.cross_entropy(_upsample_with(logits, mh, mw), targets, ignore_index=IGNORE_INDEX)
+
+
+def segmentation_ce(logits: Tensor, targets: Tensor, upsampled_ce: Callable[..., Tensor] | None = None) -> Tensor:
+    """Cross-entropy with logits upsampled (bilinear, align_corners=True, as published) to the label size.
+    ``upsampled_ce``: a compiled ``_upsampled_ce`` to run it with (see :meth:`StepModule.compile_ce`)."""
+    if logits.shape[-2:] == targets.shape[-2:]:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    mh, mw = _upsampling_matrices(logits, tuple(targets.shape[-2:]))
+    return (upsampled_ce or _upsampled_ce)(logits, targets, mh, mw)
 
 
 class StepModule(nn.Module):
@@ -75,7 +89,16 @@ class StepModule(nn.Module):
         #: Set by the runner when a loss owns a second optimiser: forward then keeps (student outputs, teacher
         #: outputs, targets) in ``last_outputs`` for the auxiliary step after the student's.
         self.keep_outputs = False
+        self._upsampled_ce: Callable[..., Tensor] | None = None
         self.last_outputs: tuple[SegOutput, SegOutput | None, Tensor] | None = None
+
+    def compile_ce(self, mode: str | None = None) -> None:
+        """Run the cross-entropy terms through ``torch.compile`` (the runner's choice when it compiles the model):
+        the upsampling, log-softmax, gather and their backward over the full-resolution float32 logits (B ×
+        classes × crop) fuse where they can (alone on an H200, B = 8, 19 classes, 512×1024: 1.83 → 1.69 ms per call,
+        two calls per step; docs/benchmarks.md §8). The upsampling matrices are arguments (cached tensors), so one
+        graph serves every step."""
+        self._upsampled_ce = torch.compile(_upsampled_ce, mode=mode, dynamic=False)
 
     def forward(
         self, images: Tensor, targets: Tensor, teacher: SegOutput | None = None
@@ -84,9 +107,9 @@ class StepModule(nn.Module):
         out = self.model(images)
         if self.keep_outputs:
             self.last_outputs = (out, teacher, targets)
-        terms: dict[str, Tensor] = {"ce": segmentation_ce(out.logits, targets)}
+        terms: dict[str, Tensor] = {"ce": segmentation_ce(out.logits, targets, self._upsampled_ce)}
         if out.aux_logits is not None and self.aux_weight:
-            terms["aux"] = self.aux_weight * segmentation_ce(out.aux_logits, targets)
+            terms["aux"] = self.aux_weight * segmentation_ce(out.aux_logits, targets, self._upsampled_ce)
         if self.losses:
             if teacher is None:
                 raise RuntimeError("distillation losses need the teacher's outputs")
