@@ -69,6 +69,20 @@ def test_fused_epilogues_compute_the_unfused_network(model: str, backbone: str, 
     torch.testing.assert_close(torch.compile(fused)(x).logits, ref.logits, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("model,backbone", [("upernet", "resnet18"), ("fcn", "resnet18"), ("segformer", "mit_b0"),
+                                            ("deeplabv3", "mobilenetv2"), ("deeplabv3", "mobilevit_xxs")])
+def test_every_teacher_architecture_computes_the_same_function_fused(model: str, backbone: str) -> None:
+    """The fusion is on by default for every CUDA teacher: whatever it finds to fuse (or not) in other heads and
+    backbones, the network's outputs stay the unfused network's."""
+    net = _frozen(model, backbone)
+    fused = copy.deepcopy(net)
+    fuse_conv_epilogues_(fused)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    ref, got = net(x), fused(x)
+    for a, b in ((got.logits, ref.logits), (got.features, ref.features), *zip(got.stages, ref.stages)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_fusing_needs_an_eval_mode_network_and_leaves_unfolded_blocks_alone() -> None:
     net = build_segmentor("deeplabv3", "resnet18", 5, aux=False)
     with pytest.raises(ValueError, match="eval mode"):
