@@ -133,9 +133,14 @@ def test_the_fused_teacher_of_a_cuda_run_has_its_own_key(tmp_path: Path, monkeyp
     monkeypatch.setattr(cc, "device_name", lambda device: "a GPU")  # no CUDA needed to build the key
     cuda = torch.device("cuda")
 
-    def key(**train: object) -> str:
+    def key(distill: bool = True, **train: object) -> str:
         raw = _cfg(tmp_path).to_dict()
+        if distill:
+            raw |= {"teacher": {"model": "deeplabv3", "backbone": "resnet18"}, "losses": [{"name": "cwd"}]}
         return cache_key(key_parts(config_from_dict({**raw, "train": {**raw["train"], **train}}), cuda, 13, 2, 1))
 
     assert key() != key(teacher_conv_fusion=False)  # the default fuses on CUDA: other graphs
     assert key(teacher_conv_fusion=False) == key(teacher_conv_fusion=False)
+    assert key(teacher_conv_fusion=False) != key(teacher_conv_fusion=False, teacher_precision="fp8")
+    assert key(teacher_precision="fp8") == key(teacher_conv_fusion=False, teacher_precision="fp8")  # fp8: no fusion
+    assert key(distill=False) == key(distill=False, teacher_conv_fusion=False)  # no teacher: nothing to fuse

@@ -82,9 +82,8 @@ def key_parts(
         **({"teacher_precision": train["teacher_precision"]}
            if train.get("teacher_precision", "amp") != "amp" else {}),
         **({"dilated_convs": train["dilated_convs"]} if train.get("dilated_convs", "native") != "native" else {}),
-        # the runner fuses the teacher's conv epilogues on CUDA only: other teacher graphs there
-        **({"teacher_conv_fusion": True} if device.type == "cuda" and train.get("teacher_conv_fusion", True)
-           and train.get("teacher_precision", "amp") == "amp" else {}),
+        # a fused teacher is other graphs; keyed, like the teacher itself, only when there is one
+        **({"teacher_conv_fusion": True} if config["losses"] and cfg.train.fuses_teacher_epilogues(device) else {}),
         "crop_size": config["data"]["crop_size"], "num_classes": num_classes,
         "batch_per_device": batch_per_device, "world_size": world_size,
     }

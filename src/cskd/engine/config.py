@@ -15,12 +15,15 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from ..schema import build_dataclass, validate_kwargs
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,11 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if not all(0 <= b < 1 for b in self.betas) or self.eps <= 0:
             raise ValueError(f"train.betas must lie in [0, 1) and train.eps be > 0, got {self.betas}, {self.eps}")
+
+    def fuses_teacher_epilogues(self, device: torch.device) -> bool:
+        """Whether a teacher run on ``device`` gets its conv epilogues fused (``teacher_conv_fusion``): on CUDA, in
+        the autocast dtype (not fp8). The runner fuses on this answer and the compile cache keys on it."""
+        return self.teacher_conv_fusion and device.type == "cuda" and self.teacher_precision == "amp"
 
 
 @dataclass(frozen=True)

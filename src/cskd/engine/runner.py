@@ -146,7 +146,7 @@ class StepRunner:
             fold_batchnorm_(teacher)
             if train_cfg.dilated_convs == "space_to_batch":
                 space_to_batch_dilated_(teacher)
-            if train_cfg.teacher_conv_fusion and self.device.type == "cuda" and train_cfg.teacher_precision == "amp":
+            if train_cfg.fuses_teacher_epilogues(self.device):
                 fuse_conv_epilogues_(teacher)
             self.teacher = teacher.to(self.device, dtype=self.amp_dtype or torch.float32)
             for lc in cfg.losses:
