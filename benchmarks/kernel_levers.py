@@ -3,7 +3,13 @@
 - ``ce``: the cross-entropy of the upsampled logits (main head), forward + backward, eager and compiled
   (:meth:`cskd.engine.step.StepModule.compile_ce`);
 - ``teacher``: the frozen, BN-folded teacher's forward, compiled, without and with its conv epilogues fused into
-  cuDNN's calls (:func:`cskd.models.epilogue.fuse_conv_epilogues_`), and the largest output difference.
+  cuDNN's calls (:func:`cskd.models.epilogue.fuse_conv_epilogues_`), and the largest output difference;
+- ``aspp``: DeepLabV3's three dilated ASPP convolutions (d = 12, 24, 36), compiled: the teacher's (2048 → 256,
+  bias + ReLU, forward, its epilogue in cuDNN's call as the fused teacher runs it) and the student's (512 → 256,
+  forward + backward under autocast), the library's dilated kernel against ``train.dilated_convs: row_taps``
+  (:mod:`cskd.models.atrous`).
+
+A lever that fails (a compiler error, say) is reported as such and the others still run and print.
 
 Prints a Markdown table; ``--out`` writes JSON.
 
@@ -24,7 +30,8 @@ import torch
 from torch import Tensor
 
 from cskd.engine.step import _upsampled_ce, segmentation_ce
-from cskd.models.epilogue import fuse_conv_epilogues_
+from cskd.models.atrous import row_taps_dilated_
+from cskd.models.epilogue import ConvReLU, fuse_conv_epilogues_
 from cskd.models.fusion import fold_batchnorm_
 from cskd.models.segmentor import build_segmentor
 from cskd.timing import time_calls
@@ -76,7 +83,51 @@ def teacher_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     return rows
 
 
-LEVERS = {"ce": ce_rows, "teacher": teacher_rows}
+def _rel_diff(a: Tensor, b: Tensor) -> dict[str, float]:
+    return {"max_abs_diff": (a.float() - b.float()).abs().max().item(), "max_abs_logit": a.float().abs().max().item()}
+
+
+def aspp_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+    cuda = device.type == "cuda"
+    h, w = args.size[0] // 8, args.size[1] // 8
+    rows = []
+    for who, cin in (("teacher", 2048), ("student", 512)):
+        x = _layout(torch.randn(args.batch, cin, h, w, device=device, dtype=dtype), cuda)
+        gy = _layout(torch.randn(args.batch, 256, h, w, device=device, dtype=dtype), cuda)
+        for d in (12, 24, 36):
+            conv = torch.nn.Conv2d(cin, 256, 3, padding=d, dilation=d).to(device)
+            outs = []
+            for variant in ("native", "row_taps"):
+                net = copy.deepcopy(conv)
+                if variant == "row_taps":
+                    row_taps_dilated_(net)
+                if who == "teacher":  # frozen, in the autocast dtype, its ReLU in cuDNN's call where it can be
+                    net = net.to(dtype).requires_grad_(False)
+                    if variant == "native":
+                        net.__class__ = ConvReLU
+                        fn = torch.compile(net)
+                    else:
+                        fn = torch.compile(lambda t, n=net: torch.relu(n(t)))
+
+                    def call(f=fn) -> Tensor:
+                        with torch.no_grad():
+                            return f(x)
+                else:  # trained: float32 weights under autocast, forward + backward
+                    xg = x.detach().requires_grad_()
+                    fn = torch.compile(net)
+
+                    def call(f=fn, xg=xg) -> Tensor:
+                        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                            y = f(xg)
+                        y.backward(gy)
+                        return y
+                outs.append(call().detach())
+                rows.append({"lever": f"aspp {who}", "variant": f"d={d} {variant}", "ms": _median_ms(call, args, cuda)})
+            rows[-1].update(_rel_diff(outs[0], outs[1]))
+    return rows
+
+
+LEVERS = {"ce": ce_rows, "teacher": teacher_rows, "aspp": aspp_rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,20 +146,25 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.backends.cudnn.benchmark = True
     rows: list[dict[str, Any]] = []
+    failed = []
     for lever in args.levers.split(","):
-        rows += LEVERS[lever](args, device, dtype)
+        try:
+            rows += LEVERS[lever](args, device, dtype)
+        except Exception as e:  # noqa: BLE001 - report it, keep the other levers' timings
+            failed.append({"lever": lever, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"})
+            print(f"lever {lever} failed: {failed[-1]['error']}", flush=True)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "batch": args.batch, "size": list(args.size), "dtype": str(dtype)}
     print(f"{env['device']}, torch {env['torch']}, B={args.batch}, {args.size[0]}×{args.size[1]}, {dtype}\n")
     print("| lever | variant | ms p50 | note |\n|---|---|---|---|")
     for r in rows:
-        note = (f"max |Δ logits| {r['max_abs_diff']:.3g} of max |logit| {r['max_abs_logit']:.3g}"
+        note = (f"max |Δ| {r['max_abs_diff']:.3g} of max |value| {r['max_abs_logit']:.3g}"
                 if "max_abs_diff" in r else "")
         print(f"| {r['lever']} | {r['variant']} | {r['ms']:.3f} | {note} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=2)
-    return 0
+            json.dump({"env": env, "rows": rows, "failed": failed}, f, indent=2)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

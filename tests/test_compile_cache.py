@@ -57,6 +57,9 @@ def test_the_key_follows_the_graphs_not_the_weight_files(tmp_path: Path) -> None
                                                                   "dilated_convs": "space_to_batch"}})
     assert _key(s2b) != base  # other graphs; the default leaves the key as it was
     assert "dilated_convs" not in key_parts(_cfg(tmp_path), torch.device("cpu"), 13, 2, 1)
+    train = _cfg(tmp_path).to_dict()["train"]
+    row_taps = _key(config_from_dict({**_cfg(tmp_path).to_dict(), "train": {**train, "dilated_convs": "row_taps"}}))
+    assert row_taps not in (base, _key(s2b))
     parts = key_parts(_cfg(tmp_path), torch.device("cpu"), 13, 2, 1)
     unfused = config_from_dict({**_cfg(tmp_path).to_dict(), "train": {**_cfg(tmp_path).to_dict()["train"],
                                                                       "teacher_conv_fusion": False}})

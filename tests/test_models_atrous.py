@@ -1,4 +1,5 @@
-"""Space-to-batch dilated convolutions (cskd.models.atrous): exact against the library's dilated kernel."""
+"""Dilated convolutions computed otherwise (cskd.models.atrous): space-to-batch and row taps, exact against the
+library's dilated kernel."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cskd.models.atrous import SpaceToBatchConv2d, eligible, space_to_batch_conv2d, space_to_batch_dilated_
+from cskd.models.atrous import (RowTapConv2d, SpaceToBatchConv2d, eligible, row_tap_saving, row_taps_conv2d,
+                                row_taps_dilated_, space_to_batch_conv2d, space_to_batch_dilated_)
 
 
 @pytest.mark.parametrize("size", [(16, 24), (17, 23), (9, 40)])
@@ -77,7 +79,81 @@ def test_strided_or_unpadded_convolutions_are_not_eligible():
     assert eligible(nn.Conv2d(4, 4, 3, padding=2, dilation=2))
 
 
-def test_a_distillation_step_with_space_to_batch_matches_the_native_one():
+@pytest.mark.parametrize("size", [(9, 13), (16, 24), (5, 40)])
+@pytest.mark.parametrize("dilation,k", [(2, 3), (4, 3), (7, 3), (10, 3), (14, 3), (50, 3), (3, 5), (6, 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_row_taps_equal_the_dilated_convolution_in_float64(size, dilation, k, channels_last):
+    # d ≥ H drops the outer tap rows, d ≥ W the outer tap columns as well (50: only the centre tap is left)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, *size, dtype=torch.float64, generator=g)
+    w = torch.randn(6, 5, k, k, dtype=torch.float64, generator=g)
+    b = torch.randn(6, dtype=torch.float64, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = F.conv2d(x, w, b, padding=dilation * (k - 1) // 2, dilation=dilation)
+    out = row_taps_conv2d(x, w, b, dilation)
+    assert out.shape == ref.shape
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(row_taps_conv2d(x, w, None, dilation), ref - b[:, None, None], rtol=1e-12, atol=1e-12)
+
+
+def test_row_taps_gradients_equal_the_dilated_convolutions():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 11, 18, dtype=torch.float64, generator=g, requires_grad=True)
+    conv = nn.Conv2d(4, 6, 3, padding=6, dilation=6).double()
+    ref = conv(x)
+    weight = ref.detach().cos()
+    grads_ref = torch.autograd.grad((ref * weight).sum(), (x, conv.weight, conv.bias))
+    assert row_taps_dilated_(conv, min_saving=0.0) == 1
+    out = conv(x)
+    grads = torch.autograd.grad((out * weight).sum(), (x, conv.weight, conv.bias))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_row_tap_saving_counts_the_tap_rows_that_read_only_padding():
+    # 64 rows (a 512×1024 crop at output stride 8): the two outer tap rows lose d rows each, of 3 × 64
+    assert row_tap_saving(64, 3, 12) == pytest.approx(24 / 192)
+    assert row_tap_saving(64, 3, 36) == pytest.approx(72 / 192)
+    assert row_tap_saving(64, 3, 4) == pytest.approx(8 / 192)
+    assert row_tap_saving(32, 3, 36) == pytest.approx(2 / 3)  # d ≥ H: only the centre row is left
+    assert row_tap_saving(10, 5, 3) == pytest.approx((2 * 3 + 2 * 6) / 50)
+
+
+def test_row_taps_apply_only_where_enough_work_reads_padding(monkeypatch):
+    conv = nn.Conv2d(4, 4, 3, padding=4, dilation=4)
+    assert row_taps_dilated_(conv) == 1 and type(conv) is RowTapConv2d
+    calls = []
+    monkeypatch.setattr("cskd.models.atrous.row_taps_conv2d",
+                        lambda *a: calls.append(a) or conv._conv_forward(a[0], conv.weight, conv.bias))
+    conv(torch.randn(1, 4, 64, 64))  # 8 of 192 tap rows: 4 %, below the 10 % default
+    assert calls == []
+    conv(torch.randn(1, 4, 24, 64))  # 8 of 72: 11 %
+    assert len(calls) == 1
+
+
+def test_row_taps_leave_grouped_convolutions_and_keep_a_segmentors_outputs():
+    from cskd.models.segmentor import build_segmentor
+
+    grouped = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4)
+    assert row_taps_dilated_(grouped) == 0 and type(grouped) is nn.Conv2d
+    torch.manual_seed(0)
+    net = build_segmentor("deeplabv3", "resnet18", num_classes=5).double().eval()
+    dilated = [m for m in net.modules() if eligible(m)]
+    keys = list(net.state_dict())
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    ref = net(x).logits
+    assert row_taps_dilated_(net, min_saving=0.0) == len(dilated)
+    assert all(type(m) is RowTapConv2d for m in dilated)
+    assert list(net.state_dict()) == keys
+    torch.testing.assert_close(net(x).logits, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode,cls,attr", [("space_to_batch", SpaceToBatchConv2d, "min_phase"),
+                                           ("row_taps", RowTapConv2d, "min_saving")])
+def test_a_distillation_step_with_rewritten_dilated_convs_matches_the_native_one(mode, cls, attr):
     from cskd.distributed import DistEnv
     from cskd.engine.config import config_from_dict
     from cskd.engine.runner import StepRunner
@@ -93,21 +169,39 @@ def test_a_distillation_step_with_space_to_batch_matches_the_native_one():
         })
         return StepRunner(cfg, 5, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), 2)
 
-    native, s2b = runner("native"), runner("space_to_batch")
-    converted = [m for m in s2b.student.modules() if type(m) is SpaceToBatchConv2d]
-    assert converted and s2b.teacher is not None
-    assert any(type(m) is SpaceToBatchConv2d for m in s2b.teacher.modules())
-    assert not any(type(m) is SpaceToBatchConv2d for m in native.student.modules())
-    for m in converted:
-        m.min_phase = 1  # 64×64 crops: phases of 4×4 at d = 2 on the 1/8 map; convert them all
-    for m in s2b.teacher.modules():
-        if type(m) is SpaceToBatchConv2d:
-            m.min_phase = 1
+    native, other = runner("native"), runner(mode)
+    converted = [m for m in other.student.modules() if type(m) is cls]
+    assert converted and other.teacher is not None
+    assert any(type(m) is cls for m in other.teacher.modules())
+    assert not any(type(m) is cls for m in native.student.modules())
+    for m in [*converted, *other.teacher.modules()]:
+        if type(m) is cls:
+            setattr(m, attr, 1 if attr == "min_phase" else 0.0)  # 64×64 crops: convert every dilated conv
     for _ in range(2):
         batch = native.random_batch((64, 64))
         torch.manual_seed(1)  # the same dropout masks in both
         a, ta = native.step(*native.prepare(batch))
         torch.manual_seed(1)
-        b, tb = s2b.step(*s2b.prepare(batch))
+        b, tb = other.step(*other.prepare(batch))
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
         assert ta.keys() == tb.keys()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_row_taps_compiled_on_cuda_in_bf16_stay_as_close_to_float32_as_the_library_kernel():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 32, 3, padding=12, dilation=12).cuda()
+    x = torch.randn(2, 64, 32, 48, device="cuda").contiguous(memory_format=torch.channels_last)
+    want = conv(x)
+    native = torch.compile(lambda t: conv(t))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = native(x).float()
+    row_taps_dilated_(conv)
+    taps = torch.compile(lambda t: conv(t))
+    xg = x.detach().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = taps(xg)
+    out.float().sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all() and conv.weight.grad is not None
+    err_ref, err = (ref - want).abs().max().item(), (out.float() - want).abs().max().item()
+    assert err <= 1.25 * err_ref + 1e-3, (err, err_ref)

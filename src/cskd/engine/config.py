@@ -184,10 +184,12 @@ class TrainConfig:
     """For the distillation losses (null: as compile_mode). Their many small kernels make them launch-bound; CUDA
     graphs ("reduce-overhead") take the launch cost away."""
     cudnn_benchmark: bool = True
-    dilated_convs: Literal["native", "space_to_batch"] = "native"
-    """How the dilated 3×3 convolutions of the student and the teacher run: the library's dilated kernels, or
-    exactly the same convolutions as dense ones on a space-to-batch rearrangement (cskd/models/atrous.py;
-    ``benchmarks/conv_levers.py`` times both per shape)."""
+    dilated_convs: Literal["native", "space_to_batch", "row_taps"] = "native"
+    """How the dilated 3×3 convolutions of the student and the teacher run: the library's dilated kernels;
+    exactly the same convolutions as dense ones on a space-to-batch rearrangement; or, where ≥ 10 % of their taps'
+    rows read only padding (ASPP's d = 12–36 on a 64-row map), as one matrix product per tap row over the rows it
+    reaches (cskd/models/atrous.py; ``benchmarks/conv_levers.py`` and ``kernel_levers.py`` time them). Neither
+    sped up the compiled step on an H200 (docs/benchmarks.md §8), so "native" is the default."""
     log_every: int = 50
     val_every: int = 4000
     val_points: int | None = None

@@ -25,7 +25,7 @@ from ..checkpoints.files import capture_rng, restore_rng
 from ..checkpoints.weights import load_teacher_weights, load_weights
 from ..distributed import DistEnv, all_gather_objects
 from ..models import build_segmentor
-from ..models.atrous import space_to_batch_dilated_
+from ..models.atrous import row_taps_dilated_, space_to_batch_dilated_
 from ..models.epilogue import fuse_conv_epilogues_
 from ..models.fp8 import cpu_scaled_mm_available, quantize_1x1_fp8_
 from ..models.fusion import fold_batchnorm_
@@ -66,6 +66,14 @@ def check_teacher_precision(precision: str, device: torch.device) -> None:
     else:
         raise ConfigError(f"train.teacher_precision=fp8 is for CUDA (capability ≥ 8.9) and the CPU, not {device}: "
                           "use amp")
+
+
+def _rewrite_dilated_convs(net: nn.Module, how: str) -> None:
+    """``train.dilated_convs``: the same convolutions, computed another way (cskd/models/atrous.py)."""
+    if how == "space_to_batch":
+        space_to_batch_dilated_(net)
+    elif how == "row_taps":
+        row_taps_dilated_(net)
 
 
 def calibration_images(dataset: Any, count: int, size: tuple[int, int]) -> Tensor:
@@ -121,8 +129,7 @@ class StepRunner:
                                   pretrained_base=model_cfg.pretrained_base)
         if model_cfg.weights:
             load_weights(student, model_cfg.weights)
-        if train_cfg.dilated_convs == "space_to_batch":
-            space_to_batch_dilated_(student)
+        _rewrite_dilated_convs(student, train_cfg.dilated_convs)
 
         self.teacher: Segmentor | None = None
         self.teacher_aux = False
@@ -144,8 +151,7 @@ class StepRunner:
             # Frozen: its BatchNorms become part of the convs (exact), and its weights are stored in the autocast
             # dtype so no step re-casts them.
             fold_batchnorm_(teacher)
-            if train_cfg.dilated_convs == "space_to_batch":
-                space_to_batch_dilated_(teacher)
+            _rewrite_dilated_convs(teacher, train_cfg.dilated_convs)  # before fusion, which leaves these alone
             if train_cfg.fuses_teacher_epilogues(self.device):
                 fuse_conv_epilogues_(teacher)
             self.teacher = teacher.to(self.device, dtype=self.amp_dtype or torch.float32)

@@ -1,4 +1,5 @@
-"""Dilated ("atrous") convolutions computed as dense ones on a space-to-batch rearrangement of their input.
+"""Dilated ("atrous") convolutions computed two other ways: as dense ones on a space-to-batch rearrangement of
+their input, or as matrix products over the rows their taps can reach (``row_taps``).
 
 A k×k convolution of dilation d (stride 1, "same" padding d·(k−1)/2) only ever combines pixels whose rows and
 columns agree modulo d. Split the input into its d² phases ``x[:, :, a::d, b::d]``, run the *undilated* k×k
@@ -13,6 +14,15 @@ rearrangement costs a copy of the input and of the output; under ``torch.compile
 neighbouring element-wise work. Whether it pays is a per-shape measurement (``benchmarks/conv_levers.py``): a
 phase map of a few pixels (d = 36 on a 64×128 map) is mostly padding, so the rewrite only applies where every
 phase keeps at least ``min_phase`` rows and columns.
+
+Row taps: on a map of H rows, a k×k tap row at vertical offset dy = (ky − (k−1)/2)·d reads padding for |dy| of
+the output's rows (every row once |dy| ≥ H). DeepLabV3's ASPP (d = 12, 24, 36 on the 64×128 map of a 512×1024
+crop) spends 12.5, 25 and 37.5 % of its FLOPs on such zeros, and the library's kernels for these dilations are
+not its fastest (cuDNN on an H200 picks Ampere-generation ones, docs/benchmarks.md §8). Each tap row becomes one
+batched matrix product over the input rows it reaches, the input in NHWC as rows of C channels times the row's k
+taps' weights side by side (C × k·C_out), and a shift-and-add of the k column taps' outputs into place, which
+``torch.compile`` fuses with the bias and what follows. The same products; only the order of the sums changes.
+On an H200 it left the compiled CSKD step where it was (40.1 → 40.4 ms, docs/benchmarks.md §8): opt-in.
 """
 
 from __future__ import annotations
@@ -85,4 +95,74 @@ def space_to_batch_dilated_(module: nn.Module, min_phase: int = 8) -> int:
     return count
 
 
-__all__ = ["SpaceToBatchConv2d", "eligible", "space_to_batch_conv2d", "space_to_batch_dilated_"]
+def row_taps_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=d·(k−1)//2, dilation=d)`` for an odd square kernel and one group,
+    computed tap row by tap row, each over only the input rows it reaches (module docstring). The result keeps
+    ``x``'s memory format."""
+    n, c, h, w = x.shape
+    co, _, k, _ = weight.shape
+    d, half = dilation, (weight.shape[-1] - 1) // 2
+    xl = x.permute(0, 2, 3, 1)  # NHWC: a view of a channels_last tensor
+    out: Tensor | None = None
+    for ky in range(k):
+        dy = (ky - half) * d
+        rows = h - abs(dy)
+        if rows <= 0:  # this tap row only ever reads padding
+            continue
+        # output row i reads input row i + dy: inputs [max(dy, 0), h + min(dy, 0)) feed outputs [max(-dy, 0), …)
+        src = xl[:, max(dy, 0): h + min(dy, 0)].reshape(n, rows * w, c)
+        wk = weight[:, :, ky].permute(1, 2, 0).reshape(c, k * co)  # (c, kx·co): the row's taps side by side
+        y = torch.bmm(src, wk.expand(n, c, k * co)).view(n, rows, w, k, co)
+        part: Tensor | None = None
+        for kx in range(k):
+            dx = (kx - half) * d
+            if abs(dx) >= w:
+                continue
+            # output column j reads column j + dx of the row product
+            tap = F.pad(y[:, :, max(dx, 0): w + min(dx, 0), kx], (0, 0, max(-dx, 0), max(dx, 0)))
+            part = tap if part is None else part + tap
+        assert part is not None  # the centre column tap always reaches
+        part = F.pad(part, (0, 0, 0, 0, max(-dy, 0), max(dy, 0)))
+        out = part if out is None else out + part
+    assert out is not None  # the centre row always reaches
+    if bias is not None:
+        out = out + bias
+    y_nchw = out.permute(0, 3, 1, 2)
+    return y_nchw.contiguous(memory_format=torch.channels_last
+                             if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+
+
+def row_tap_saving(h: int, k: int, dilation: int) -> float:
+    """The share of a k×k convolution's tap-row work over an ``h``-row map that reads only padding."""
+    half = (k - 1) // 2
+    reached = sum(max(h - abs((ky - half) * dilation), 0) for ky in range(k))
+    return 1.0 - reached / (k * h)
+
+
+class RowTapConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (same parameters and state-dict keys) whose dilated forward runs through
+    :func:`row_taps_conv2d` when at least ``min_saving`` of its tap-row work would read padding only; otherwise the
+    library's dilated kernel."""
+
+    min_saving: float = 0.1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if row_tap_saving(x.shape[-2], self.kernel_size[0], self.dilation[0]) >= self.min_saving:
+            return row_taps_conv2d(x, self.weight, self.bias, self.dilation[0])
+        return super().forward(x)
+
+
+def row_taps_dilated_(module: nn.Module, min_saving: float = 0.1) -> int:
+    """Switch every eligible dilated ``nn.Conv2d`` of ``module`` with one group to :class:`RowTapConv2d` in place
+    (parameters and checkpoints unchanged); returns how many. Differentiable: for trained and frozen networks."""
+    count = 0
+    for m in module.modules():
+        if eligible(m) and m.groups == 1:
+            m.__class__ = RowTapConv2d
+            m.min_saving = min_saving  # type: ignore[attr-defined]
+            count += 1
+    return count
+
+
+__all__ = ["RowTapConv2d", "SpaceToBatchConv2d", "eligible", "row_tap_saving", "row_taps_conv2d",
+           "row_taps_dilated_", "space_to_batch_conv2d", "space_to_batch_dilated_"]
