@@ -46,6 +46,10 @@ def _layout(x: Tensor, cuda: bool) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if cuda else x
 
 
+def _rel_diff(a: Tensor, b: Tensor) -> dict[str, float]:
+    return {"max_abs_diff": (a.float() - b.float()).abs().max().item(), "max_abs_logit": a.float().abs().max().item()}
+
+
 def ce_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
     cuda = device.type == "cuda"
     h, w = args.size
@@ -77,14 +81,8 @@ def teacher_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dt
             outs.append(run(x).logits.float())
             rows.append({"lever": "teacher", "variant": name,
                          "ms": _median_ms(lambda r=run: r(x), args, cuda)})
-    scale = outs[0].abs().max().item()
-    rows[-1]["max_abs_diff"] = (outs[0] - outs[1]).abs().max().item()
-    rows[-1]["max_abs_logit"] = scale
+    rows[-1].update(_rel_diff(outs[0], outs[1]))
     return rows
-
-
-def _rel_diff(a: Tensor, b: Tensor) -> dict[str, float]:
-    return {"max_abs_diff": (a.float() - b.float()).abs().max().item(), "max_abs_logit": a.float().abs().max().item()}
 
 
 def aspp_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
@@ -151,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows += LEVERS[lever](args, device, dtype)
         except Exception as e:  # noqa: BLE001 - report it, keep the other levers' timings
-            failed.append({"lever": lever, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"})
+            first_line = next(iter(str(e).strip().splitlines()), "")
+            failed.append({"lever": lever, "error": f"{type(e).__name__}: {first_line}"})
             print(f"lever {lever} failed: {failed[-1]['error']}", flush=True)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "batch": args.batch, "size": list(args.size), "dtype": str(dtype)}

@@ -27,6 +27,8 @@ On an H200 it left the compiled CSKD step where it was (40.1 → 40.4 ms, docs/b
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -82,17 +84,24 @@ def eligible(conv: nn.Module) -> bool:
     )
 
 
+def _switch_dilated_(module: nn.Module, cls: type[nn.Conv2d], grouped: bool, **attrs: Any) -> int:
+    """Every eligible dilated ``nn.Conv2d`` of ``module`` (only one-group ones unless ``grouped``) becomes a
+    ``cls`` in place, with ``attrs`` set; returns how many."""
+    count = 0
+    for m in module.modules():
+        if eligible(m) and (grouped or m.groups == 1):
+            m.__class__ = cls
+            for name, value in attrs.items():
+                setattr(m, name, value)
+            count += 1
+    return count
+
+
 def space_to_batch_dilated_(module: nn.Module, min_phase: int = 8) -> int:
     """Switch every eligible dilated ``nn.Conv2d`` of ``module`` to :class:`SpaceToBatchConv2d` in place (the
     parameters stay the same objects; checkpoints are unaffected); returns how many. Works for trained and frozen
     networks alike: the rearrangement is differentiable."""
-    count = 0
-    for m in module.modules():
-        if eligible(m):
-            m.__class__ = SpaceToBatchConv2d
-            m.min_phase = min_phase  # type: ignore[attr-defined]
-            count += 1
-    return count
+    return _switch_dilated_(module, SpaceToBatchConv2d, grouped=True, min_phase=min_phase)
 
 
 def row_taps_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int) -> Tensor:
@@ -101,7 +110,7 @@ def row_taps_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: in
     ``x``'s memory format."""
     n, c, h, w = x.shape
     co, _, k, _ = weight.shape
-    d, half = dilation, (weight.shape[-1] - 1) // 2
+    d, half = dilation, (k - 1) // 2
     xl = x.permute(0, 2, 3, 1)  # NHWC: a view of a channels_last tensor
     out: Tensor | None = None
     for ky in range(k):
@@ -155,13 +164,7 @@ class RowTapConv2d(nn.Conv2d):
 def row_taps_dilated_(module: nn.Module, min_saving: float = 0.1) -> int:
     """Switch every eligible dilated ``nn.Conv2d`` of ``module`` with one group to :class:`RowTapConv2d` in place
     (parameters and checkpoints unchanged); returns how many. Differentiable: for trained and frozen networks."""
-    count = 0
-    for m in module.modules():
-        if eligible(m) and m.groups == 1:
-            m.__class__ = RowTapConv2d
-            m.min_saving = min_saving  # type: ignore[attr-defined]
-            count += 1
-    return count
+    return _switch_dilated_(module, RowTapConv2d, grouped=False, min_saving=min_saving)
 
 
 __all__ = ["RowTapConv2d", "SpaceToBatchConv2d", "eligible", "row_tap_saving", "row_taps_conv2d",
