@@ -15,6 +15,8 @@
 #   step_cg   the same with CUDA graphs over the whole step (--compile-mode reduce-overhead)
 #   step_unfused the same with train.teacher_conv_fusion=false (the teacher's conv epilogues as separate kernels)
 #   step_rowtaps the same with train.dilated_convs=row_taps (ASPP's dilated convs as matrix products per tap row)
+#   step_stream the same with train.teacher_stream=forward (the teacher on a second CUDA stream, alongside the
+#             student's forward), then with train.teacher_stream=pipeline (also alongside the previous backward)
 #   profile   torch.profiler over 5 compiled CSKD steps (top kernels; Chrome trace)
 #   loop      the real loop: 600 iterations of `cskd distill` on 256 synthetic 1024×2048 PNGs, 14 workers, data.cache
 #   loop_warm the loop again, 100 iterations: its first step reads the compile cache the first run wrote (warm start-up)
@@ -64,6 +66,11 @@ for stage in "$@"; do
                     --out "$out/train_step_h200_unfused.json" ;;
     step_rowtaps) run step_rowtaps "${step[@]}" --set train.dilated_convs=row_taps \
                     --out "$out/train_step_h200_rowtaps.json" ;;
+    step_stream)
+      for how in forward pipeline; do
+        run "step_stream_$how" "${step[@]}" --set "train.teacher_stream=$how" \
+          --out "$out/train_step_h200_stream_$how.json"
+      done ;;
     step_cg) run step_cg "${step[@]}" --compile-mode reduce-overhead --out "$out/train_step_h200_cudagraphs.json" ;;
     profile) run profile "$py" "$here/train_step.py" --compile --no-flops --warmup 10 --iters 20 --methods cskd \
                --profile cskd ${STEP_ARGS:-} --out "$out/profile_h200.json" ;;
@@ -83,6 +90,6 @@ for stage in "$@"; do
       done ;;
     val) run val "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 --set data.workers=14 \
            --out "$out/validation_h200.json" ;;
-    *) echo "unknown stage '$stage' (levers kernels step step_s2b step_fp8 step_cg step_unfused step_rowtaps profile loop loop_warm loop_cg loop_nocache scaling val)"; exit 2 ;;
+    *) echo "unknown stage '$stage' (levers kernels step step_s2b step_fp8 step_cg step_unfused step_rowtaps step_stream profile loop loop_warm loop_cg loop_nocache scaling val)"; exit 2 ;;
   esac
 done

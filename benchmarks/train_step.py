@@ -106,10 +106,11 @@ def time_steps(runner: StepRunner, size: tuple[int, int], warmup: int, iters: in
     receives the seconds of each garbage collection during the timed steps (and the last warm-up step), not
     during compilation."""
     x, masks = runner.prepare(runner.random_batch(size))
+    ahead = x if runner.pipelines_teacher else None  # teacher_stream=pipeline: the "next" batch is this one again
     for _ in range(warmup - 1):
-        runner.step(x, masks)
+        runner.step(x, masks, ahead)
     with gc_pauses() as seen:
-        ms, _ = time_calls(lambda: runner.step(x, masks), warmup=1, iters=iters,
+        ms, _ = time_calls(lambda: runner.step(x, masks, ahead), warmup=1, iters=iters,
                            cuda=runner.device.type == "cuda")
     if pauses is not None:
         pauses.extend(seen)
@@ -217,13 +218,14 @@ def profile(args: argparse.Namespace, device: torch.device, size: tuple[int, int
     torch.manual_seed(0)
     runner = make_runner(args, args.profile, device)
     x, masks = runner.prepare(runner.random_batch(size))
+    ahead = x if runner.pipelines_teacher else None
     for _ in range(args.warmup):
-        runner.step(x, masks)
+        runner.step(x, masks, ahead)
     runner.sync()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=acts, record_shapes=True) as prof:  # shapes: which convolution a kernel serves
         for _ in range(5):
-            runner.step(x, masks)
+            runner.step(x, masks, ahead)
         runner.sync()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\nprofile of 5 '{args.profile}' steps, by self {key.split('_')[1]} time:")

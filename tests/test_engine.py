@@ -232,6 +232,84 @@ def test_the_runner_fuses_the_teachers_conv_epilogues_on_cuda_by_default(
     assert torch.isfinite(loss) and "cwd" in terms
 
 
+def _stream_runner(root: Path, out: Path, device: str, how: str):  # noqa: ANN202
+    from cskd.distributed import DistEnv
+    from cskd.engine.runner import StepRunner
+
+    losses = [{"name": "cwd", "weight": 3.0, "temperature": 2.0}, {"name": "cskd"}]
+    cfg = config_from_dict(tiny_config(root, out, losses, device=device, compile=False, teacher_stream=how,
+                                       teacher_conv_fusion=False))
+    torch.manual_seed(0)  # the same student, connectors and CSKD projections for every variant
+    return StepRunner(cfg, 13, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(device)), 3)
+
+
+def _stream_steps(runner, order: list[int], ahead: bool) -> list[dict[str, float]]:  # noqa: ANN001
+    """Steps over the batches of seeds ``order``; with ``ahead``, each step is handed the next one's images (as
+    the Trainer does under teacher_stream=pipeline). Each step's loss and terms, read after all steps."""
+    batches = {s: runner.prepare(runner.random_batch(TINY, seed=s)) for s in set(order)}
+    out = []
+    for i, s in enumerate(order):
+        nxt = batches[order[i + 1]][0] if ahead and i + 1 < len(order) else None
+        out.append(runner.step(*batches[s], nxt))
+    return [{"loss": t.item(), **{k: v.item() for k, v in terms.items()}} for t, terms in out]
+
+
+@pytest.mark.parametrize("device,how", [
+    ("cpu", "pipeline"),  # no second stream: the next batch's teacher runs before the backward, same values
+    pytest.param("cuda", "forward", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    pytest.param("cuda", "pipeline", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
+def test_the_teacher_on_its_own_stream_gives_each_step_its_own_batchs_teacher(
+    synth_root: Path, tmp_path: Path, device: str, how: str
+) -> None:
+    """train.teacher_stream: every step's terms equal the plain run's, also when a step is not given the images
+    it was told about (the kept teacher outputs belong to other images and must not be used). Float32, eager:
+    the same kernels in another order on the GPU, so equal to rounding."""
+    if device == "cuda":
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    order = [1, 2, 3, 3, 4]  # a batch twice in a row: the "next" images are the very tensor of this step
+    plain = _stream_steps(_stream_runner(synth_root, tmp_path / "off", device, "off"), order, ahead=False)
+    streamed = _stream_runner(synth_root, tmp_path / how, device, how)
+    assert (streamed.teacher_stream is not None) == (device == "cuda")
+    assert streamed.pipelines_teacher == (how == "pipeline")
+    got = _stream_steps(streamed, order, ahead=True)
+    mismatched = _stream_steps(_stream_runner(synth_root, tmp_path / f"{how}2", device, how), [1, 2, 3], ahead=True)
+    # told 1 → 2 → 3 but handed 1, then 3 (its kept outputs are for 2): the second step must run 3's teacher
+    wrong = _stream_runner(synth_root, tmp_path / f"{how}3", device, how)
+    b = {s: wrong.prepare(wrong.random_batch(TINY, seed=s)) for s in (1, 2, 3)}
+    first = wrong.step(*b[1], b[2][0])
+    second = wrong.step(*b[3])
+    ref = _stream_steps(_stream_runner(synth_root, tmp_path / "off2", device, "off"), [1, 3], ahead=False)
+    assert len(plain) == len(got) == 5 and len(plain[0]) == 5  # loss, ce, cwd, cam, pam
+    for want, have in zip(plain + plain[:3] + ref, got + mismatched + [
+            {"loss": first[0].item(), **{k: v.item() for k, v in first[1].items()}},
+            {"loss": second[0].item(), **{k: v.item() for k, v in second[1].items()}}]):
+        assert have.keys() == want.keys()
+        for k in want:
+            assert have[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), (k, have, want)
+
+
+def test_teacher_stream_pipeline_trains_as_the_plain_loop(synth_root: Path, tmp_path: Path) -> None:
+    """Through the Trainer (CPU): the loop hands each step the next batch and the run's curve is the plain run's,
+    exactly (the same operations in the same order on one device), across a validation and a save point."""
+    curves = {}
+    for how in ("off", "pipeline"):
+        cfg = tiny_config(synth_root, tmp_path / how, [{"name": "cwd"}, {"name": "cskd"}], teacher_stream=how,
+                          budget={"iterations": 5}, val_every=2, save_every=3)
+        result = Trainer(config_from_dict(cfg), progress=False).fit()
+        assert result.iterations == 5
+        curves[how] = [{k: v for k, v in r.items() if k not in ("time", "train_seconds", "data_wait_seconds")}
+                       for r in read_records(tmp_path / how / "log.jsonl", "train")]
+    assert len(curves["off"]) == 5 and curves["pipeline"] == curves["off"]
+
+
+def test_teacher_stream_and_cuda_graphs_are_refused_together(synth_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(synth_root, tmp_path / "x", [{"name": "cwd"}], teacher_stream="forward",
+                      compile_mode="reduce-overhead")
+    with pytest.raises(ConfigError, match="teacher_stream=forward.*reduce-overhead"):
+        config_from_dict(cfg)
+
+
 def test_each_steps_terms_are_its_own_eager(synth_root: Path, tmp_path: Path) -> None:
     """The same checks on the CPU, eager: the helper above is exercised without a GPU."""
     _train_then_step_twice(synth_root, tmp_path / "eager", "cpu", compiled=False)

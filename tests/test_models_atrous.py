@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cskd.models.atrous import (RowTapConv2d, SpaceToBatchConv2d, eligible, row_tap_saving, row_taps_conv2d,
-                                row_taps_dilated_, space_to_batch_conv2d, space_to_batch_dilated_)
+from cskd.models.atrous import (RowTapConv2d, SpaceToBatchConv2d, dilated_input_heights, eligible, row_tap_saving,
+                                row_taps_conv2d, row_taps_dilated_, space_to_batch_conv2d, space_to_batch_dilated_)
 
 
 @pytest.mark.parametrize("size", [(16, 24), (17, 23), (9, 40)])
@@ -149,6 +149,41 @@ def test_row_taps_leave_grouped_convolutions_and_keep_a_segmentors_outputs():
     assert all(type(m) is RowTapConv2d for m in dilated)
     assert list(net.state_dict()) == keys
     torch.testing.assert_close(net(x).logits, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_row_taps_at_an_input_size_switch_only_the_convs_that_take_that_path_and_leave_the_rest_fusable():
+    """At a 512×1024 crop, DeepLabV3's ASPP (d = 12, 24, 36) sees a 64-row map and takes the row-tap path; the
+    ResNet's layer3/4 (d = 2, 4: 2 and 4 % of their tap rows read padding) do not, and must stay plain convs, so
+    that a frozen teacher's blocks still get their epilogues fused (in the step they had lost them all)."""
+    from cskd.models.epilogue import fuse_conv_epilogues_
+    from cskd.models.fusion import fold_batchnorm_
+    from cskd.models.segmentor import build_segmentor
+
+    def teacher() -> nn.Module:
+        torch.manual_seed(0)
+        net = build_segmentor("deeplabv3", "resnet18", num_classes=5).eval()
+        fold_batchnorm_(net)
+        return net
+
+    net = teacher()
+    dilated = {m: m.dilation[0] for m in net.modules() if eligible(m)}
+    heights = dilated_input_heights(net, (512, 1024))
+    assert heights.keys() == dilated.keys() and not any(p.is_meta for p in net.parameters())
+    aspp = {m for m, d in dilated.items() if d >= 12}
+    assert sorted(dilated[m] for m in aspp) == [12, 24, 36] and {heights[m] for m in aspp} == {64}
+    assert row_taps_dilated_(net, input_size=(512, 1024)) == 3
+    assert {m for m in net.modules() if type(m) is RowTapConv2d} == aspp
+    assert net.training is False
+
+    plain = teacher()
+    fused_plain = fuse_conv_epilogues_(plain)
+    assert fuse_conv_epilogues_(net) == fused_plain - 3  # only ASPP's three conv + ReLU pairs stay apart
+    everywhere = teacher()
+    row_taps_dilated_(everywhere)
+    assert fuse_conv_epilogues_(everywhere) < fused_plain - 3  # the old behaviour: the dilated blocks unfused
+    # a smaller crop reaches further: at 64×128 layer4's d = 4 on an 8-row map reads padding in 4 of 24 tap rows
+    small = teacher()
+    assert row_taps_dilated_(small, input_size=(64, 128)) > 3
 
 
 @pytest.mark.parametrize("mode,cls,attr", [("space_to_batch", SpaceToBatchConv2d, "min_phase"),

@@ -169,6 +169,15 @@ class TrainConfig:
     with the epilogue added in float32 before rounding to the autocast dtype. On an H200 it took a DeepLabV3-R101
     teacher's compiled forward from 20.2 to 17.1 ms and the compiled CSKD step from 44.8 to 41.5 ms (B = 8,
     512×1024; docs/benchmarks.md §8). Not applied with teacher_precision fp8, nor off CUDA."""
+    teacher_stream: Literal["off", "forward", "pipeline"] = "off"
+    """On CUDA, run the frozen teacher's forward on a second CUDA stream, so that its compute-bound convolutions
+    share the GPU with the student's memory-bound kernels: "forward" alongside the student's forward of the same
+    batch; "pipeline" also alongside the previous step's backward (the Trainer hands each step the next batch, and
+    the step launches that batch's teacher forward before its own backward). The same values either way; only the
+    kernels' order on the GPU changes. Refused with CUDA graphs ("reduce-overhead"); without a teacher it does
+    nothing; off CUDA "pipeline" runs the next batch's teacher forward before the backward, in order. On an H200
+    the B = 8 CSKD step went 41.1 → 40.9 ms ("forward") and → 43.3 ms ("pipeline"): the step's kernels already
+    fill the GPU (docs/benchmarks.md §8), so "off" is the default."""
     channels_last: bool = True
     compile: bool | None = None
     """torch.compile the trained model, the teacher and the losses; null = on CUDA yes, on the CPU no."""
@@ -188,8 +197,9 @@ class TrainConfig:
     """How the dilated 3×3 convolutions of the student and the teacher run: the library's dilated kernels;
     exactly the same convolutions as dense ones on a space-to-batch rearrangement; or, where ≥ 10 % of their taps'
     rows read only padding (ASPP's d = 12–36 on a 64-row map), as one matrix product per tap row over the rows it
-    reaches (cskd/models/atrous.py; ``benchmarks/conv_levers.py`` and ``kernel_levers.py`` time them). Neither
-    sped up the compiled step on an H200 (docs/benchmarks.md §8), so "native" is the default."""
+    reaches, switching only the convs that take that path at the training crop (cskd/models/atrous.py;
+    ``benchmarks/conv_levers.py`` and ``kernel_levers.py`` time them). Neither has sped up the compiled step on
+    an H200 so far (docs/benchmarks.md §8), so "native" is the default."""
     log_every: int = 50
     val_every: int = 4000
     val_points: int | None = None
@@ -208,6 +218,10 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if not all(0 <= b < 1 for b in self.betas) or self.eps <= 0:
             raise ValueError(f"train.betas must lie in [0, 1) and train.eps be > 0, got {self.betas}, {self.eps}")
+        if self.teacher_stream != "off" and "reduce-overhead" in (self.compile_mode, self.loss_compile_mode):
+            raise ValueError(f"train.teacher_stream={self.teacher_stream} runs the teacher on a second CUDA stream, "
+                             "which CUDA graphs over the step (compile_mode reduce-overhead) do not take: set "
+                             "teacher_stream: off or another compile_mode")
 
     def fuses_teacher_epilogues(self, device: torch.device) -> bool:
         """Whether a teacher run on ``device`` gets its conv epilogues fused (``teacher_conv_fusion``): on CUDA, in

@@ -68,12 +68,13 @@ def check_teacher_precision(precision: str, device: torch.device) -> None:
                           "use amp")
 
 
-def _rewrite_dilated_convs(net: nn.Module, how: str) -> None:
-    """``train.dilated_convs``: the same convolutions, computed another way (cskd/models/atrous.py)."""
+def _rewrite_dilated_convs(net: nn.Module, how: str, crop: tuple[int, int]) -> None:
+    """``train.dilated_convs``: the same convolutions, computed another way (cskd/models/atrous.py). Row taps
+    switch only the convs that take that path at the training crop, leaving the others fusable."""
     if how == "space_to_batch":
         space_to_batch_dilated_(net)
     elif how == "row_taps":
-        row_taps_dilated_(net)
+        row_taps_dilated_(net, input_size=crop)
 
 
 def calibration_images(dataset: Any, count: int, size: tuple[int, int]) -> Tensor:
@@ -129,7 +130,7 @@ class StepRunner:
                                   pretrained_base=model_cfg.pretrained_base)
         if model_cfg.weights:
             load_weights(student, model_cfg.weights)
-        _rewrite_dilated_convs(student, train_cfg.dilated_convs)
+        _rewrite_dilated_convs(student, train_cfg.dilated_convs, cfg.data.crop_size)
 
         self.teacher: Segmentor | None = None
         self.teacher_aux = False
@@ -151,7 +152,7 @@ class StepRunner:
             # Frozen: its BatchNorms become part of the convs (exact), and its weights are stored in the autocast
             # dtype so no step re-casts them.
             fold_batchnorm_(teacher)
-            _rewrite_dilated_convs(teacher, train_cfg.dilated_convs)  # before fusion, which leaves these alone
+            _rewrite_dilated_convs(teacher, train_cfg.dilated_convs, cfg.data.crop_size)  # before fusion
             if train_cfg.fuses_teacher_epilogues(self.device):
                 fuse_conv_epilogues_(teacher)
             self.teacher = teacher.to(self.device, dtype=self.amp_dtype or torch.float32)
@@ -202,6 +203,11 @@ class StepRunner:
             self.cudagraphs = "reduce-overhead" in (mode, loss_mode) and self.device.type == "cuda"
         self.step_module = step
         self.student: Segmentor = step.model
+        # train.teacher_stream: the teacher's forward on its own CUDA stream; ``_pending`` holds the next batch's
+        # teacher outputs launched during the previous step's backward ("pipeline"): (its images, outputs, ready).
+        use_stream = train_cfg.teacher_stream != "off" and self.device.type == "cuda" and self.teacher is not None
+        self.teacher_stream = torch.cuda.Stream(self.device) if use_stream else None
+        self._pending: tuple[Tensor, SegOutput | None, torch.cuda.Event | None] | None = None
         if self.env.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             if self.auxiliary:  # reduced by the auxiliary step itself, after its own backward
@@ -214,6 +220,12 @@ class StepRunner:
             self._forward: nn.Module = DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False)
         else:
             self._forward = step  # the step module as called: wrapped in DDP when data-parallel
+
+    @property
+    def pipelines_teacher(self) -> bool:
+        """``train.teacher_stream: pipeline`` with a teacher: :meth:`step` wants the next batch's images. Off CUDA
+        there is no second stream, and the next batch's teacher forward simply runs before the backward."""
+        return self.teacher is not None and self.cfg.train.teacher_stream == "pipeline"
 
     @property
     def fp8_pending(self) -> bool:
@@ -301,13 +313,38 @@ class StepRunner:
         stages = tuple(s.clone() for s in out.stages) if self.keep_teacher_stages else ()
         return SegOutput(*(v.clone() if v is not None else None for v in out[:3]), stages)
 
-    def step(self, x: Tensor, masks: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """One optimisation step; returns the total loss and its terms, detached, on the device (no host sync)."""
+    def _launch_teacher(self, x: Tensor) -> tuple[SegOutput | None, torch.cuda.Event | None]:
+        """The teacher's forward; with :attr:`teacher_stream`, launched on that stream after the work queued so far
+        on the current one (``x`` is made there), with the event that marks its end. Its outputs are allocated on
+        the side stream and freed, a step later, on the host: the side stream's next use of their memory comes
+        after its next ``wait_stream``, so after every kernel that read them."""
+        if self.teacher_stream is None:
+            return self.teacher_forward(x), None
+        self.teacher_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.teacher_stream):
+            out = self.teacher_forward(x)
+            ready = torch.cuda.Event()
+            ready.record(self.teacher_stream)
+        x.record_stream(self.teacher_stream)  # x may be freed and reused on the main stream before the side is done
+        return out, ready
+
+    def step(
+        self, x: Tensor, masks: Tensor, next_x: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One optimisation step; returns the total loss and its terms, detached, on the device (no host sync).
+        ``next_x``: the next step's images, with ``train.teacher_stream: pipeline`` (their teacher forward is
+        launched before this step's backward and used by the next call whose ``x`` is that same tensor)."""
         if self.cudagraphs:  # a new iteration: CUDA-graph outputs of the previous one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        teacher_out = self.teacher_forward(x)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is x:
+            _, teacher_out, ready = pending
+        else:
+            teacher_out, ready = self._launch_teacher(x)
         with self.autocast():
-            total, terms = self._forward(x, masks, teacher_out)
+            total, terms = self._forward(x, masks, teacher_out, teacher_ready=ready)
+        if next_x is not None and self.pipelines_teacher:
+            self._pending = (next_x, *self._launch_teacher(next_x))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.pre_step_losses:

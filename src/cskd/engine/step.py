@@ -101,15 +101,20 @@ class StepModule(nn.Module):
         self._upsampled_ce = torch.compile(_upsampled_ce, mode=mode, dynamic=False)
 
     def forward(
-        self, images: Tensor, targets: Tensor, teacher: SegOutput | None = None
+        self, images: Tensor, targets: Tensor, teacher: SegOutput | None = None,
+        teacher_ready: torch.cuda.Event | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns the total loss and its named terms (each already weighted)."""
+        """Returns the total loss and its named terms (each already weighted). ``teacher_ready``: the event that
+        ends the teacher's forward on another CUDA stream (``train.teacher_stream``); the student's forward and
+        cross-entropy are queued before the wait, so they run alongside it."""
         out = self.model(images)
         if self.keep_outputs:
             self.last_outputs = (out, teacher, targets)
         terms: dict[str, Tensor] = {"ce": segmentation_ce(out.logits, targets, self._upsampled_ce)}
         if out.aux_logits is not None and self.aux_weight:
             terms["aux"] = self.aux_weight * segmentation_ce(out.aux_logits, targets, self._upsampled_ce)
+        if teacher_ready is not None:
+            torch.cuda.current_stream(images.device).wait_event(teacher_ready)
         if self.losses:
             if teacher is None:
                 raise RuntimeError("distillation losses need the teacher's outputs")

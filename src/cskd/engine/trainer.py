@@ -545,8 +545,12 @@ class Trainer:
         first = self.iteration
         window_start = time.perf_counter()
         waited = 0.0  # batches.seconds at the window's start
+        ahead = self.runner.pipelines_teacher  # the step launches the next batch's teacher before its backward
+        upcoming: tuple[Tensor, Tensor] | None = None
         while self.iteration < total:
-            loss, terms = self.runner.step(*self.runner.prepare(next(batches)))
+            x, masks = upcoming or self.runner.prepare(next(batches))
+            upcoming = self.runner.prepare(next(batches)) if ahead and self.iteration + 1 < total else None
+            loss, terms = self.runner.step(x, masks, upcoming[0] if upcoming else None)
             self.iteration += 1
             it = self.iteration
             if it == first + 1:  # the first step's wait (the workers' start) goes with it, out of the training time

@@ -22,11 +22,15 @@ not its fastest (cuDNN on an H200 picks Ampere-generation ones, docs/benchmarks.
 batched matrix product over the input rows it reaches, the input in NHWC as rows of C channels times the row's k
 taps' weights side by side (C × k·C_out), and a shift-and-add of the k column taps' outputs into place, which
 ``torch.compile`` fuses with the bias and what follows. The same products; only the order of the sums changes.
-On an H200 it left the compiled CSKD step where it was (40.1 → 40.4 ms, docs/benchmarks.md §8): opt-in.
+Alone, compiled on an H200, it takes the teacher's three ASPP convolutions from 4.62 to 2.93 ms and the
+student's (forward and backward) from 6.07 to 5.49 ms; in the step it first gained nothing, because every
+dilated conv had switched class and the teacher's dilated blocks lost their fused epilogues (docs/benchmarks.md
+§8). Given the network's input size, it now switches only the convs that take the row-tap path. Opt-in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -84,12 +88,13 @@ def eligible(conv: nn.Module) -> bool:
     )
 
 
-def _switch_dilated_(module: nn.Module, cls: type[nn.Conv2d], grouped: bool, **attrs: Any) -> int:
-    """Every eligible dilated ``nn.Conv2d`` of ``module`` (only one-group ones unless ``grouped``) becomes a
-    ``cls`` in place, with ``attrs`` set; returns how many."""
+def _switch_dilated_(module: nn.Module, cls: type[nn.Conv2d], grouped: bool,
+                     keep: Callable[[nn.Module], bool] = lambda m: True, **attrs: Any) -> int:
+    """Every eligible dilated ``nn.Conv2d`` of ``module`` (only one-group ones unless ``grouped``) for which
+    ``keep`` holds becomes a ``cls`` in place, with ``attrs`` set; returns how many."""
     count = 0
     for m in module.modules():
-        if eligible(m) and (grouped or m.groups == 1):
+        if eligible(m) and (grouped or m.groups == 1) and keep(m):
             m.__class__ = cls
             for name, value in attrs.items():
                 setattr(m, name, value)
@@ -161,11 +166,42 @@ class RowTapConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-def row_taps_dilated_(module: nn.Module, min_saving: float = 0.1) -> int:
-    """Switch every eligible dilated ``nn.Conv2d`` of ``module`` with one group to :class:`RowTapConv2d` in place
-    (parameters and checkpoints unchanged); returns how many. Differentiable: for trained and frozen networks."""
-    return _switch_dilated_(module, RowTapConv2d, grouped=False, min_saving=min_saving)
+def dilated_input_heights(module: nn.Module, input_size: tuple[int, int], channels: int = 3) -> dict[nn.Module, int]:
+    """The height of the map each eligible dilated conv of ``module`` sees when the network's input is
+    ``input_size``: one forward on the meta device (shapes only, no arithmetic, the module's own tensors
+    untouched), in eval mode."""
+    heights: dict[nn.Module, int] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: heights.__setitem__(mod, args[0].shape[-2]))
+             for m in module.modules() if eligible(m)]
+    meta = {name: torch.empty_like(t, device="meta")
+            for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(module, meta, (torch.empty(1, channels, *input_size, device="meta"),))
+    finally:
+        module.train(was_training)
+        for h in hooks:
+            h.remove()
+    return heights
 
 
-__all__ = ["RowTapConv2d", "SpaceToBatchConv2d", "eligible", "row_tap_saving", "row_taps_conv2d",
-           "row_taps_dilated_", "space_to_batch_conv2d", "space_to_batch_dilated_"]
+def row_taps_dilated_(module: nn.Module, min_saving: float = 0.1, input_size: tuple[int, int] | None = None) -> int:
+    """Switch eligible dilated ``nn.Conv2d`` of ``module`` with one group to :class:`RowTapConv2d` in place
+    (parameters and checkpoints unchanged); returns how many. Differentiable: for trained and frozen networks.
+
+    With ``input_size`` (the network's input, H × W), only the convs that would take the row-tap path at that
+    size (:func:`dilated_input_heights`); the others stay plain ``nn.Conv2d``, so later rewrites that want plain
+    convs still apply to them (a frozen teacher's conv epilogues fused into cuDNN's call, for the dilated blocks
+    of ResNet layer3/4). Without it, every eligible conv, each deciding at each call."""
+    keep: Callable[[nn.Module], bool] = lambda m: True
+    if input_size is not None:
+        heights = dilated_input_heights(module, input_size)
+        keep = lambda m: m in heights and row_tap_saving(  # noqa: E731
+            heights[m], m.kernel_size[0], m.dilation[0]) >= min_saving
+    return _switch_dilated_(module, RowTapConv2d, grouped=False, keep=keep, min_saving=min_saving)
+
+
+__all__ = ["RowTapConv2d", "SpaceToBatchConv2d", "dilated_input_heights", "eligible", "row_tap_saving",
+           "row_taps_conv2d", "row_taps_dilated_", "space_to_batch_conv2d", "space_to_batch_dilated_"]
