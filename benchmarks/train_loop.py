@@ -81,6 +81,23 @@ def windows(history: list[dict[str, Any]], batch: int, warmup_steps: int) -> lis
     return rows
 
 
+def compile_phases() -> dict[str, float]:
+    """Seconds this process spent in torch.compile so far, by phase (dynamo's own aggregate timers: the whole
+    compile, dynamo's bytecode tracing, inductor's graph compilation, the wait for its parallel kernel builds);
+    empty where this torch has no such timers. What the first step spends beyond them is cuDNN's autotuning and
+    the first runs of the kernels."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+    except Exception:  # noqa: BLE001 - a private API: report nothing rather than fail the benchmark
+        return {}
+    times = dict(zip(names, (float(v) for v in values)))
+    keys = {"total": "_compile.compile_inner", "dynamo_tracing": "bytecode_tracing",
+            "inductor": "compile_fx_inner", "kernel_builds_wait": "async_compile.wait"}
+    return {k: times[v] for k, v in keys.items() if v in times}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="e.g. " + __doc__.split("\n\n")[-1].strip(),
@@ -116,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = Trainer(cfg, progress=False, overwrite=True)
         result = trainer.fit()
+        compile_s = compile_phases()  # the first step's, and the first validation's if it compiles
         batch = cfg.train.batch_size
         wins = windows(result.history, batch, trainer.warmup_steps)
         runner = trainer.runner
@@ -134,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "workers": cfg.data.workers,
         "iterations": result.iterations, "windows": wins, "loop_img_per_s": loop_ips,
         "loop_img_per_s_after_first_window": steady_ips, "first_step_s": result.warmup_seconds,
-        "startup_s": result.startup_seconds,
+        "startup_s": result.startup_seconds, "compile_s": compile_s,
         "step_median_s": step_s, "step_img_per_s": step_ips, "ratio": loop_ips / step_ips,
         "ratio_after_first_window": steady_ips / step_ips,
         "data_wait_s": result.data_wait_seconds, "data_wait_share": result.data_wait_seconds / result.train_seconds
@@ -149,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{step_ips:.1f} img/s ({1000 * step_s:.1f} ms/step); loop/step {100 * res['ratio']:.1f} % "
           f"({100 * res['ratio_after_first_window']:.1f} % after the first window); the loop waited for data "
           f"{res['data_wait_s']:.1f} s ({100 * res['data_wait_share']:.1f} % of its training time)")
+    if compile_s:
+        print(f"first step {result.warmup_seconds:.1f} s; torch.compile {compile_s.get('total', 0.0):.1f} s in all "
+              f"(dynamo tracing {compile_s.get('dynamo_tracing', 0.0):.1f} s, inductor "
+              f"{compile_s.get('inductor', 0.0):.1f} s, of which waiting for kernel builds "
+              f"{compile_s.get('kernel_builds_wait', 0.0):.1f} s)")
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
     return 0

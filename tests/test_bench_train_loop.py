@@ -37,3 +37,19 @@ def test_train_loop_benchmark_on_cpu(tmp_path, capsys, monkeypatch):
     # the generated tree is in the Cityscapes layout that the config's dataset reads
     assert len(list((tmp_path / "cs" / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))) == 4
     assert len(list((tmp_path / "cs" / "gtFine" / "train").rglob("*_gtFine_labelIds.png"))) == 4
+
+
+def test_compile_phases_reads_dynamos_aggregate_timers(monkeypatch):
+    import torch._dynamo.utils as dynamo_utils
+
+    names = ["_compile.compile_inner", "bytecode_tracing", "compile_fx_inner", "async_compile.wait", "gc"]
+    monkeypatch.setattr(dynamo_utils, "compile_times",
+                        lambda repr, aggregate: (names, ["7.5", "1.25", "5.0", "2.0", "0.1"]))
+    assert train_loop.compile_phases() == {"total": 7.5, "dynamo_tracing": 1.25, "inductor": 5.0,
+                                           "kernel_builds_wait": 2.0}
+
+    def gone(**kwargs):
+        raise TypeError("compile_times() got an unexpected keyword argument 'aggregate'")
+
+    monkeypatch.setattr(dynamo_utils, "compile_times", gone)
+    assert train_loop.compile_phases() == {}  # a torch without these timers: nothing reported, no failure
