@@ -169,6 +169,12 @@ def test_deterministic_mode_is_set_per_run_and_does_not_leak_into_the_next_train
         torch.backends.cudnn.deterministic = False
 
 
+def _step_values(step: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> dict[str, float]:
+    """A step's returned loss and terms as floats."""
+    total, terms = step
+    return {"loss": total.item(), **{k: v.item() for k, v in terms.items()}}
+
+
 def _train_then_step_twice(synth_root: Path, out: Path, device: str, compiled: bool) -> None:
     """Six CWD + CSKD iterations through the Trainer (in CUDA graphs when ``compiled`` on CUDA), a validation after
     the 3rd and the 6th (compiled too), then two more steps of its runner: the first step's returned terms must
@@ -187,16 +193,12 @@ def _train_then_step_twice(synth_root: Path, out: Path, device: str, compiled: b
     assert all(v == v and abs(v) != float("inf") for terms in curve for v in terms.values()), curve
     assert all(a != b for a, b in itertools.pairwise(curve)), curve  # each record holds its own step's terms
 
-    def values(step: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> dict[str, float]:
-        total, terms = step
-        return {"loss": total.item(), **{k: v.item() for k, v in terms.items()}}
-
     runner = trainer.runner
     first = runner.step(*runner.prepare(runner.random_batch(TINY, seed=1)))
-    kept = values(first)
+    kept = _step_values(first)
     second = runner.step(*runner.prepare(runner.random_batch(TINY, seed=2)))
-    assert values(first) == kept  # not overwritten by the second step's replay
-    assert values(second) != kept
+    assert _step_values(first) == kept  # not overwritten by the second step's replay
+    assert _step_values(second) != kept
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -251,7 +253,7 @@ def _stream_steps(runner, order: list[int], ahead: bool) -> list[dict[str, float
     for i, s in enumerate(order):
         nxt = batches[order[i + 1]][0] if ahead and i + 1 < len(order) else None
         out.append(runner.step(*batches[s], nxt))
-    return [{"loss": t.item(), **{k: v.item() for k, v in terms.items()}} for t, terms in out]
+    return [_step_values(step) for step in out]
 
 
 @pytest.mark.parametrize("device,how", [
@@ -281,9 +283,7 @@ def test_the_teacher_on_its_own_stream_gives_each_step_its_own_batchs_teacher(
     second = wrong.step(*b[3])
     ref = _stream_steps(_stream_runner(synth_root, tmp_path / "off2", device, "off"), [1, 3], ahead=False)
     assert len(plain) == len(got) == 5 and len(plain[0]) == 5  # loss, ce, cwd, cam, pam
-    for want, have in zip(plain + plain[:3] + ref, got + mismatched + [
-            {"loss": first[0].item(), **{k: v.item() for k, v in first[1].items()}},
-            {"loss": second[0].item(), **{k: v.item() for k, v in second[1].items()}}]):
+    for want, have in zip(plain + plain[:3] + ref, got + mismatched + [_step_values(first), _step_values(second)]):
         assert have.keys() == want.keys()
         for k in want:
             assert have[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), (k, have, want)
