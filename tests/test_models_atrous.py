@@ -186,6 +186,25 @@ def test_row_taps_at_an_input_size_switch_only_the_convs_that_take_that_path_and
     assert row_taps_dilated_(small, input_size=(64, 128)) > 3
 
 
+def test_row_taps_on_a_model_that_cannot_run_on_the_meta_device_is_a_one_line_config_error():
+    from cskd.engine.runner import _rewrite_dilated_convs
+    from cskd.errors import ConfigError
+
+    class NeedsValues(nn.Module):  # reads a value, which the meta device does not hold
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=12, dilation=12)
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            return self.conv(x) if x.sum().item() >= 0 else x
+
+    with pytest.raises(ConfigError) as e:
+        _rewrite_dilated_convs(NeedsValues(), "row_taps", (64, 128))
+    msg = str(e.value)
+    assert "\n" not in msg and "train.dilated_convs=row_taps" in msg and "NeedsValues" in msg
+    assert "data.crop_size=[64, 128]" in msg and "use dilated_convs: native" in msg
+
+
 @pytest.mark.parametrize("mode,cls,attr", [("space_to_batch", SpaceToBatchConv2d, "min_phase"),
                                            ("row_taps", RowTapConv2d, "min_saving")])
 def test_a_distillation_step_with_rewritten_dilated_convs_matches_the_native_one(mode, cls, attr):

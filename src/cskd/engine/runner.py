@@ -74,7 +74,12 @@ def _rewrite_dilated_convs(net: nn.Module, how: str, crop: tuple[int, int]) -> N
     if how == "space_to_batch":
         space_to_batch_dilated_(net)
     elif how == "row_taps":
-        row_taps_dilated_(net, input_size=crop)
+        try:
+            row_taps_dilated_(net, input_size=crop)
+        except Exception as e:  # the shape pass runs the model on the meta device, which a model may not support
+            first_line = next(iter(str(e).strip().splitlines()), type(e).__name__)
+            raise ConfigError(f"train.dilated_convs=row_taps: {type(net).__name__} could not run a shape-only "
+                              f"pass at data.crop_size={list(crop)} ({first_line}); use dilated_convs: native") from e
 
 
 def calibration_images(dataset: Any, count: int, size: tuple[int, int]) -> Tensor:
