@@ -9,12 +9,13 @@
 #   levers    per-shape dilated-conv and FP8 1×1 timings (benchmarks/conv_levers.py)
 #   kernels   the cross-entropy (eager, compiled) and the teacher's forward (conv epilogues separate, fused)
 #             (benchmarks/kernel_levers.py)
-#   step      compiled teacher-only, CWD and CSKD steps, B = 8, 512×1024, 120 timed iterations
+#   step      compiled teacher-only, CWD and CSKD steps, B = 8, 512×1024, 120 timed iterations (the defaults: on
+#             CUDA, ASPP's dilated convs as matrix products per tap row, train.dilated_convs auto → row_taps)
+#   step_native the same with train.dilated_convs=native (the library's dilated kernels)
 #   step_s2b  the same with train.dilated_convs=space_to_batch
 #   step_fp8  the same with train.teacher_precision=fp8
 #   step_cg   the same with CUDA graphs over the whole step (--compile-mode reduce-overhead)
 #   step_unfused the same with train.teacher_conv_fusion=false (the teacher's conv epilogues as separate kernels)
-#   step_rowtaps the same with train.dilated_convs=row_taps (ASPP's dilated convs as matrix products per tap row)
 #   step_stream the same with train.teacher_stream=forward (the teacher on a second CUDA stream, alongside the
 #             student's forward), then with train.teacher_stream=pipeline (also alongside the previous backward)
 #   profile   torch.profiler over 5 compiled CSKD steps (top kernels; Chrome trace)
@@ -66,8 +67,8 @@ for stage in "$@"; do
     step_fp8) run step_fp8 "${step[@]}" --set train.teacher_precision=fp8 --out "$out/train_step_h200_fp8.json" ;;
     step_unfused) run step_unfused "${step[@]}" --set train.teacher_conv_fusion=false \
                     --out "$out/train_step_h200_unfused.json" ;;
-    step_rowtaps) run step_rowtaps "${step[@]}" --set train.dilated_convs=row_taps \
-                    --out "$out/train_step_h200_rowtaps.json" ;;
+    step_native) run step_native "${step[@]}" --set train.dilated_convs=native \
+                   --out "$out/train_step_h200_native.json" ;;
     step_stream)
       for how in forward pipeline; do
         run "step_stream_$how" "${step[@]}" --set "train.teacher_stream=$how" \
@@ -93,6 +94,6 @@ for stage in "$@"; do
     val) run val "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 --set data.workers=14 \
            --out "$out/validation_h200.json" ;;
     tests) run tests "$py" -m pytest -q -n 8 -p no:cacheprovider --timeout=600 "$here/../tests" ;;
-    *) echo "unknown stage '$stage' (levers kernels step step_s2b step_fp8 step_cg step_unfused step_rowtaps step_stream profile loop loop_warm loop_cg loop_nocache scaling val tests)"; exit 2 ;;
+    *) echo "unknown stage '$stage' (levers kernels step step_s2b step_fp8 step_cg step_unfused step_native step_stream profile loop loop_warm loop_cg loop_nocache scaling val tests)"; exit 2 ;;
   esac
 done

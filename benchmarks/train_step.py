@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             "tflops": flops * args.batch / med / 1e12 if flops else None,
             # every timed step in order (where a slow p90 comes from), and the garbage collections meanwhile
             "step_s": times, "gc_collections": len(pauses), "gc_seconds": sum(pauses),
+            "dilated_convs": runner.cfg.train.resolved_dilated_convs(device),  # what "auto" chose here
         }
         rows.append(row)
         print(f"{method}: {med * 1000:.1f} ms/step, {row['img_per_s']:.1f} img/s", flush=True)

@@ -67,6 +67,23 @@ def test_the_key_follows_the_graphs_not_the_weight_files(tmp_path: Path) -> None
     assert parts["torch"] == torch.__version__ and parts["device"].startswith("cpu")
 
 
+def test_auto_dilated_convs_key_as_what_they_resolve_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cskd.engine.compile_cache as cc
+
+    monkeypatch.setattr(cc, "device_name", lambda device: str(device))  # no GPU needed to name one
+    train = _cfg(tmp_path).to_dict()["train"]
+
+    def parts(dilated: str, device: str) -> dict:
+        cfg = config_from_dict({**_cfg(tmp_path).to_dict(), "train": {**train, "dilated_convs": dilated}})
+        return key_parts(cfg, torch.device(device), 13, 2, 1)
+
+    assert "dilated_convs" not in parts("auto", "cpu")  # auto is native on the CPU: the CPU keys stay as they were
+    assert parts("auto", "cpu") == parts("native", "cpu")
+    assert parts("auto", "cuda")["dilated_convs"] == "row_taps"
+    assert parts("auto", "cuda") == parts("row_taps", "cuda")  # the same graphs share a folder
+    assert parts("native", "cuda") != parts("auto", "cuda")
+
+
 def test_a_compiled_runner_points_inductor_at_the_visible_folder(tmp_path: Path) -> None:
     from cskd.engine.runner import StepRunner
 

@@ -203,6 +203,21 @@ def test_row_taps_on_a_model_that_cannot_run_on_the_meta_device_is_a_one_line_co
     msg = str(e.value)
     assert "\n" not in msg and "train.dilated_convs=row_taps" in msg and "NeedsValues" in msg
     assert "data.crop_size=[64, 128]" in msg and "use dilated_convs: native" in msg
+    with pytest.warns(UserWarning, match="train.dilated_convs=auto: NeedsValues could not run") as w:
+        _rewrite_dilated_convs(NeedsValues(), "row_taps", (64, 128), chosen=False)  # auto: keep native
+    assert len(w) == 1 and "stay native" in str(w[0].message)
+
+
+def test_auto_dilated_convs_take_row_taps_on_cuda_only():
+    from cskd.engine.config import TrainConfig
+
+    auto = TrainConfig()
+    assert auto.dilated_convs == "auto"
+    assert auto.resolved_dilated_convs(torch.device("cuda", 0)) == "row_taps"
+    assert auto.resolved_dilated_convs(torch.device("cpu")) == "native"
+    for chosen in ("native", "space_to_batch", "row_taps"):  # an explicit choice holds on every device
+        for device in ("cpu", "cuda"):
+            assert TrainConfig(dilated_convs=chosen).resolved_dilated_convs(torch.device(device)) == chosen
 
 
 @pytest.mark.parametrize("mode,cls,attr", [("space_to_batch", SpaceToBatchConv2d, "min_phase"),

@@ -81,7 +81,7 @@ def key_parts(
         # only when set, so that the keys of every amp run (the default) stay what they were
         **({"teacher_precision": train["teacher_precision"]}
            if train.get("teacher_precision", "amp") != "amp" else {}),
-        **({"dilated_convs": train["dilated_convs"]} if train.get("dilated_convs", "native") != "native" else {}),
+        **({"dilated_convs": dilated} if (dilated := cfg.train.resolved_dilated_convs(device)) != "native" else {}),
         # a fused teacher is other graphs; keyed, like the teacher itself, only when there is one
         **({"teacher_conv_fusion": True} if config["losses"] and cfg.train.fuses_teacher_epilogues(device) else {}),
         "crop_size": config["data"]["crop_size"], "num_classes": num_classes,

@@ -187,19 +187,23 @@ class TrainConfig:
     torch's own default (/tmp/torchinductor_$USER), untouched. Used only when compiling."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode of the model, the teacher and (unless loss_compile_mode) the losses. "reduce-overhead"
-    (CUDA graphs over the whole step) removed the CSKD step's slow-step bursts on an H200 (docs/benchmarks.md §8);
-    opt-in until the real loop has run under it on a GPU."""
+    (CUDA graphs over the whole step) removed the B = 8 CSKD step's host-bound slow phases in each H200 run
+    measured; opt-in because at the configs' B = 16 the host has slack and the real loop ran 1 % slower under it
+    (docs/benchmarks.md §8)."""
     loss_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
     """For the distillation losses (null: as compile_mode). Their many small kernels make them launch-bound; CUDA
-    graphs ("reduce-overhead") take the launch cost away."""
+    graphs ("reduce-overhead") take the launch cost away: on an H200 the B = 8 CSKD step's p90 went 43.5 → 39.8 ms
+    at the same p50 (one run; docs/benchmarks.md §8)."""
     cudnn_benchmark: bool = True
-    dilated_convs: Literal["native", "space_to_batch", "row_taps"] = "native"
-    """How the dilated 3×3 convolutions of the student and the teacher run: the library's dilated kernels;
-    exactly the same convolutions as dense ones on a space-to-batch rearrangement; or, where ≥ 10 % of their taps'
-    rows read only padding (ASPP's d = 12–36 on a 64-row map), as one matrix product per tap row over the rows it
-    reaches, switching only the convs that take that path at the training crop (cskd/models/atrous.py;
-    ``benchmarks/conv_levers.py`` and ``kernel_levers.py`` time them). Neither has sped up the compiled step on
-    an H200 so far (docs/benchmarks.md §8), so "native" is the default."""
+    dilated_convs: Literal["auto", "native", "space_to_batch", "row_taps"] = "auto"
+    """How the dilated 3×3 convolutions of the student and the teacher run: the library's dilated kernels
+    ("native"); exactly the same convolutions as dense ones on a space-to-batch rearrangement; or, where ≥ 10 % of
+    their taps' rows read only padding (ASPP's d = 12–36 on a 64-row map), as one matrix product per tap row over
+    the rows it reaches, switching only the convs that take that path at the training crop ("row_taps";
+    cskd/models/atrous.py; ``benchmarks/conv_levers.py`` and ``kernel_levers.py`` time them). "auto": row_taps on
+    CUDA, native elsewhere; a model that cannot run row taps' shape-only pass keeps native, with a warning. On an
+    H200 row taps took the compiled CWD step (B = 8, 512×1024) from 38.7 to 36.3 ms and the CSKD step's p10 from
+    39.6 to 37.0 ms (docs/benchmarks.md §8); the CPU keeps the library's kernels."""
     log_every: int = 50
     val_every: int = 4000
     val_points: int | None = None
@@ -227,6 +231,13 @@ class TrainConfig:
         """Whether a teacher run on ``device`` gets its conv epilogues fused (``teacher_conv_fusion``): on CUDA, in
         the autocast dtype (not fp8). The runner fuses on this answer and the compile cache keys on it."""
         return self.teacher_conv_fusion and device.type == "cuda" and self.teacher_precision == "amp"
+
+    def resolved_dilated_convs(self, device: torch.device) -> str:
+        """``dilated_convs`` with "auto" settled for ``device``: row_taps on CUDA, native elsewhere. The runner
+        rewrites on this answer and the compile cache keys on it."""
+        if self.dilated_convs == "auto":
+            return "row_taps" if device.type == "cuda" else "native"
+        return self.dilated_convs
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -68,9 +69,10 @@ def check_teacher_precision(precision: str, device: torch.device) -> None:
                           "use amp")
 
 
-def _rewrite_dilated_convs(net: nn.Module, how: str, crop: tuple[int, int]) -> None:
+def _rewrite_dilated_convs(net: nn.Module, how: str, crop: tuple[int, int], *, chosen: bool = True) -> None:
     """``train.dilated_convs``: the same convolutions, computed another way (cskd/models/atrous.py). Row taps
-    switch only the convs that take that path at the training crop, leaving the others fusable."""
+    switch only the convs that take that path at the training crop, leaving the others fusable. ``chosen``: the
+    user asked for ``how``; when it came from "auto", a model row taps cannot take keeps its native convs."""
     if how == "space_to_batch":
         space_to_batch_dilated_(net)
     elif how == "row_taps":
@@ -78,8 +80,12 @@ def _rewrite_dilated_convs(net: nn.Module, how: str, crop: tuple[int, int]) -> N
             row_taps_dilated_(net, input_size=crop)
         except Exception as e:  # the shape pass runs the model on the meta device, which a model may not support
             first_line = next(iter(str(e).strip().splitlines()), type(e).__name__)
-            raise ConfigError(f"train.dilated_convs=row_taps: {type(net).__name__} could not run a shape-only "
-                              f"pass at data.crop_size={list(crop)} ({first_line}); use dilated_convs: native") from e
+            problem = (f"{type(net).__name__} could not run a shape-only pass at data.crop_size={list(crop)} "
+                       f"({first_line})")
+            if not chosen:
+                warnings.warn(f"train.dilated_convs=auto: {problem}; its dilated convs stay native", stacklevel=2)
+                return
+            raise ConfigError(f"train.dilated_convs=row_taps: {problem}; use dilated_convs: native") from e
 
 
 def calibration_images(dataset: Any, count: int, size: tuple[int, int]) -> Tensor:
@@ -135,7 +141,9 @@ class StepRunner:
                                   pretrained_base=model_cfg.pretrained_base)
         if model_cfg.weights:
             load_weights(student, model_cfg.weights)
-        _rewrite_dilated_convs(student, train_cfg.dilated_convs, cfg.data.crop_size)
+        dilated = train_cfg.resolved_dilated_convs(self.device)
+        dilated_chosen = train_cfg.dilated_convs != "auto"
+        _rewrite_dilated_convs(student, dilated, cfg.data.crop_size, chosen=dilated_chosen)
 
         self.teacher: Segmentor | None = None
         self.teacher_aux = False
@@ -157,7 +165,7 @@ class StepRunner:
             # Frozen: its BatchNorms become part of the convs (exact), and its weights are stored in the autocast
             # dtype so no step re-casts them.
             fold_batchnorm_(teacher)
-            _rewrite_dilated_convs(teacher, train_cfg.dilated_convs, cfg.data.crop_size)  # before fusion
+            _rewrite_dilated_convs(teacher, dilated, cfg.data.crop_size, chosen=dilated_chosen)  # before fusion
             if train_cfg.fuses_teacher_epilogues(self.device):
                 fuse_conv_epilogues_(teacher)
             self.teacher = teacher.to(self.device, dtype=self.amp_dtype or torch.float32)
