@@ -22,6 +22,10 @@
 #   loop      the real loop: 600 iterations of `cskd distill` on 256 synthetic 1024×2048 PNGs, 14 workers, data.cache
 #   loop_warm the loop again, 100 iterations: its first step reads the compile cache the first run wrote (warm start-up)
 #   loop_cg   the same with CUDA graphs over the whole step (train.compile_mode=reduce-overhead)
+#   startup   a cold start-up: the loop for 40 iterations on 32 PNGs with a new, empty compile-cache folder
+#             (the first step's seconds, torch.compile's timers); startup_profile the same under cProfile
+#   step_nograph the step with train.teacher_graph=off (the teacher's kernels launched from Python)
+#   step_head the step with train.teacher_compile=head (only the teacher's heads compiled)
 #   loop_nocache the loop without data.cache: every sample decoded from its PNG (a dataset's first epoch)
 #   scaling   compiled CWD and CSKD steps for B ∈ {8, 16} × crops 512×1024, 768×1536, 1024×2048
 #   val       validation at 1024×2048 as the Trainer runs it (DeepLabV3-R18, 64 images, 14 workers, 3 rounds)
@@ -82,6 +86,14 @@ for stage in "$@"; do
                  --out "$out/train_loop_h200_warm.json" ;;
     loop_cg) run loop_cg "${loop[@]}" --set "data.cache=$cache" --iterations 600 \
                --set train.compile_mode=reduce-overhead --out "$out/train_loop_h200_cudagraphs.json" ;;
+    startup) run startup "${loop[@]}" --data "$data.start" --images 32 --set "data.cache=$cache.start" \
+               --set "train.compile_cache=$(mktemp -d)" --iterations 40 --window 20 --step-iters 10 \
+               --out "$out/train_loop_h200_startup.json" ;;
+    startup_profile) run startup_profile "${loop[@]}" --data "$data.start" --images 32 --set "data.cache=$cache.start" \
+               --set "train.compile_cache=$(mktemp -d)" --iterations 40 --window 20 --step-iters 10 \
+               --cprofile "$out/startup_profile.txt" --out "$out/train_loop_h200_startup_profile.json" ;;
+    step_nograph) run step_nograph "${step[@]}" --set train.teacher_graph=off --out "$out/train_step_h200_nograph.json" ;;
+    step_head) run step_head "${step[@]}" --set train.teacher_compile=head --out "$out/train_step_h200_head.json" ;;
     loop_nocache) run loop_nocache "${loop[@]}" --iterations 600 --out "$out/train_loop_h200_nocache.json" ;;
     scaling)
       for b in 8 16; do
@@ -94,6 +106,6 @@ for stage in "$@"; do
     val) run val "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 --set data.workers=14 \
            --out "$out/validation_h200.json" ;;
     tests) run tests "$py" -m pytest -q -n 8 -p no:cacheprovider --timeout=600 "$here/../tests" ;;
-    *) echo "unknown stage '$stage' (levers kernels step step_s2b step_fp8 step_cg step_unfused step_native step_stream profile loop loop_warm loop_cg loop_nocache scaling val tests)"; exit 2 ;;
+    *) echo "unknown stage '$stage' (levers kernels step step_s2b step_fp8 step_cg step_unfused step_native step_stream profile loop loop_warm loop_cg loop_nocache startup startup_profile step_nograph step_head scaling val tests)"; exit 2 ;;
   esac
 done

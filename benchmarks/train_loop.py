@@ -21,11 +21,15 @@
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +85,23 @@ def windows(history: list[dict[str, Any]], batch: int, warmup_steps: int) -> lis
     return rows
 
 
+def _dynamo_timers() -> dict[str, float]:
+    """Dynamo's aggregate timers (seconds by timed function) so far; empty where this torch has none."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+    except Exception:  # noqa: BLE001 - a private API: report nothing rather than fail the benchmark
+        return {}
+    return dict(zip(names, (float(v) for v in values)))
+
+
+def compile_timers(top: int = 40) -> dict[str, float]:
+    """The ``top`` largest of dynamo's timers, largest first: the whole table behind :func:`compile_phases`
+    (nested timers overlap, so they do not add up)."""
+    return dict(sorted(_dynamo_timers().items(), key=lambda kv: -kv[1])[:top])
+
+
 def compile_phases() -> dict[str, float]:
     """Seconds this process spent in torch.compile so far, by phase, from dynamo's own aggregate timers: ``total``
     = ``frames`` (each compiled frame: tracing it, its forward graph, its inference graphs) + ``backward_graphs``
@@ -88,13 +109,7 @@ def compile_phases() -> dict[str, float]:
     the total, dynamo's bytecode tracing, inductor (forward and backward graphs) and the wait for its parallel
     kernel builds. Empty where this torch has no such timers. What the first step spends beyond the total is
     cuDNN's autotuning and the first runs of the kernels."""
-    try:
-        from torch._dynamo.utils import compile_times
-
-        names, values = compile_times(repr="csv", aggregate=True)
-    except Exception:  # noqa: BLE001 - a private API: report nothing rather than fail the benchmark
-        return {}
-    times = dict(zip(names, (float(v) for v in values)))
+    times = _dynamo_timers()
     keys = {"frames": "_compile.compile_inner", "backward_graphs": "backward._backward_impl",
             "dynamo_tracing": "bytecode_tracing", "inductor": "compile_fx_inner",
             "kernel_builds_wait": "async_compile.wait"}
@@ -102,6 +117,18 @@ def compile_phases() -> dict[str, float]:
     if "frames" in phases:
         phases = {"total": phases["frames"] + phases.get("backward_graphs", 0.0), **phases}
     return phases
+
+
+def profiled(fn: Callable[[], Any], path: str) -> Any:
+    """``fn()`` under cProfile; its 60 largest functions by cumulative and by own time written to ``path``."""
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(fn)
+    finally:
+        text = io.StringIO()
+        for order in ("cumulative", "tottime"):
+            pstats.Stats(prof, stream=text).sort_stats(order).print_stats(60)
+        Path(path).write_text(text.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-warmup", type=int, default=10)
     p.add_argument("--step-iters", type=int, default=30)
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--cprofile", metavar="FILE", help="run the training under cProfile and write its 60 largest "
+                   "functions by cumulative and by own time here (what a cold start-up spends its seconds on)")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg, overrides = benchmark_config(args.config, overrides, args.device)
 
         trainer = Trainer(cfg, progress=False, overwrite=True)
-        result = trainer.fit()
+        result = profiled(trainer.fit, args.cprofile) if args.cprofile else trainer.fit()
         compile_s = compile_phases()  # the first step's, and the first validation's if it compiles
+        timers = compile_timers()
         batch = cfg.train.batch_size
         wins = windows(result.history, batch, trainer.warmup_steps)
         runner = trainer.runner
@@ -158,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "workers": cfg.data.workers,
         "iterations": result.iterations, "windows": wins, "loop_img_per_s": loop_ips,
         "loop_img_per_s_after_first_window": steady_ips, "first_step_s": result.warmup_seconds,
-        "startup_s": result.startup_seconds, "compile_s": compile_s,
+        "startup_s": result.startup_seconds, "compile_s": compile_s, "compile_timers": timers,
         "step_median_s": step_s, "step_img_per_s": step_ips, "ratio": loop_ips / step_ips,
         "ratio_after_first_window": steady_ips / step_ips,
         "data_wait_s": result.data_wait_seconds, "data_wait_share": result.data_wait_seconds / result.train_seconds
@@ -179,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{compile_s.get('backward_graphs', 0.0):.1f} s; of the total: dynamo tracing "
               f"{compile_s.get('dynamo_tracing', 0.0):.1f} s, inductor {compile_s.get('inductor', 0.0):.1f} s, "
               f"waiting for kernel builds {compile_s.get('kernel_builds_wait', 0.0):.1f} s)")
+    if timers:
+        print("torch.compile's largest timers (nested ones overlap): " + ", ".join(
+            f"{name} {sec:.1f} s" for name, sec in list(timers.items())[:12]))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
     return 0

@@ -23,6 +23,7 @@ def test_train_loop_benchmark_on_cpu(tmp_path, capsys, monkeypatch):
         "--iterations", "3", "--window", "1", "--step-warmup", "1", "--step-iters", "2", "--out", str(out),
         "--set", "data.crop_size=[32,64]", "--set", "train.batch_size=3", "--set", "data.workers=0",
         "--set", "teacher.backbone=resnet18",  # a smaller teacher: the test's time, not the config's path
+        "--cprofile", str(tmp_path / "fit.prof.txt"),
     ])
     assert rc == 0
     text = capsys.readouterr().out
@@ -35,6 +36,11 @@ def test_train_loop_benchmark_on_cpu(tmp_path, capsys, monkeypatch):
     assert [(w["from"], w["to"]) for w in res["windows"]] == [(1, 2), (2, 3)]
     assert all(w["img_per_s"] > 0 and 0 <= w["data_wait_share"] <= 1 for w in res["windows"])
     assert 0 <= res["data_wait_s"] and res["data_wait_share"] <= 1 and "waiting for data" in text
+    # the profile of the run: the Trainer's fit and its first step are in it, by cumulative and by own time
+    prof = (tmp_path / "fit.prof.txt").read_text()
+    assert prof.count("Ordered by: cumulative time") == 1 and prof.count("Ordered by: internal time") == 1
+    assert "(fit)" in prof and "(step)" in prof
+    assert isinstance(res["compile_timers"], dict)  # eager on the CPU: no timers, an empty table
     assert res["step_img_per_s"] > 0 and abs(res["ratio"] - res["loop_img_per_s"] / res["step_img_per_s"]) < 1e-9
     # the generated tree is in the Cityscapes layout that the config's dataset reads
     assert len(list((tmp_path / "cs" / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))) == 4
@@ -64,3 +70,12 @@ def test_compile_phases_reads_dynamos_aggregate_timers(monkeypatch):
 
     monkeypatch.setattr(dynamo_utils, "compile_times", gone)
     assert train_loop.compile_phases() == {}  # a torch without these timers: nothing reported, no failure
+
+
+def test_compile_timers_lists_dynamos_timers_largest_first(monkeypatch):
+    import torch._dynamo.utils as dynamo_utils
+
+    names = ["gc", "compile_fx_inner", "_compile.compile_inner", "bytecode_tracing"]
+    monkeypatch.setattr(dynamo_utils, "compile_times", lambda repr, aggregate: (names, ["0.1", "17.58", "17.49", "0.2"]))
+    assert list(train_loop.compile_timers(top=3).items()) == [
+        ("compile_fx_inner", 17.58), ("_compile.compile_inner", 17.49), ("bytecode_tracing", 0.2)]

@@ -84,6 +84,8 @@ def key_parts(
         **({"dilated_convs": dilated} if (dilated := cfg.train.resolved_dilated_convs(device)) != "native" else {}),
         # a fused teacher is other graphs; keyed, like the teacher itself, only when there is one
         **({"teacher_conv_fusion": True} if config["losses"] and cfg.train.fuses_teacher_epilogues(device) else {}),
+        **({"teacher_compile": train["teacher_compile"]}
+           if config["losses"] and train.get("teacher_compile", "whole") != "whole" else {}),
         "crop_size": config["data"]["crop_size"], "num_classes": num_classes,
         "batch_per_device": batch_per_device, "world_size": world_size,
     }

@@ -178,6 +178,18 @@ class TrainConfig:
     nothing; off CUDA "pipeline" runs the next batch's teacher forward before the backward, in order. On an H200
     the B = 8 CSKD step went 41.1 → 40.9 ms ("forward") and → 43.3 ms ("pipeline"): the step's kernels already
     fill the GPU (docs/benchmarks.md §8), so "off" is the default."""
+    teacher_graph: bool | None = None
+    """Replay the frozen teacher's forward as one CUDA graph per input shape (cskd/engine/cuda_graph.py), captured
+    at its first call: its kernels are then launched by one call instead of one by one from Python. The same
+    kernels, so the same values. null: on CUDA, unless compile_mode is "reduce-overhead" (the teacher then runs in
+    torch.compile's own CUDA graphs); true elsewhere is a config error. On an H200 the compiled B = 8 CSKD step
+    went 42.5 [49.3] → 36.9 [38.5] ms p50 [p90] and its CWD step 36.1 → 35.5 ms; the graph's own memory keeps the
+    teacher's activations, +0.7 GiB at that size (docs/benchmarks.md §8)."""
+    teacher_compile: Literal["whole", "head"] = "whole"
+    """What of the teacher torch.compile compiles when the run compiles: the whole network, or only its head (and
+    aux head), the backbone running its fused cuDNN convolutions eagerly (inside the teacher's CUDA graph). On an
+    H200 "head" took 9 s off a cold start-up's compile (78.7 → 69.5 s) but 1 ms onto the B = 8 CWD step (35.5 →
+    36.5 ms), so "whole" is the default (docs/benchmarks.md §8)."""
     channels_last: bool = True
     compile: bool | None = None
     """torch.compile the trained model, the teacher and the losses; null = on CUDA yes, on the CPU no."""
@@ -226,11 +238,20 @@ class TrainConfig:
             raise ValueError(f"train.teacher_stream={self.teacher_stream} runs the teacher on a second CUDA stream, "
                              "which CUDA graphs over the step (compile_mode reduce-overhead) do not take: set "
                              "teacher_stream: off or another compile_mode")
+        if self.teacher_graph and self.compile_mode == "reduce-overhead":
+            raise ValueError("train.teacher_graph=true captures the teacher's forward in a CUDA graph, which "
+                             "compile_mode reduce-overhead already does with its own: set teacher_graph: null or false")
 
     def fuses_teacher_epilogues(self, device: torch.device) -> bool:
         """Whether a teacher run on ``device`` gets its conv epilogues fused (``teacher_conv_fusion``): on CUDA, in
         the autocast dtype (not fp8). The runner fuses on this answer and the compile cache keys on it."""
         return self.teacher_conv_fusion and device.type == "cuda" and self.teacher_precision == "amp"
+
+    def graphs_teacher(self, device: torch.device) -> bool:
+        """Whether the teacher's forward is replayed as a CUDA graph (``teacher_graph`` settled for ``device``)."""
+        if self.teacher_graph is None:
+            return device.type == "cuda" and self.compile_mode != "reduce-overhead"
+        return self.teacher_graph
 
     def resolved_dilated_convs(self, device: torch.device) -> str:
         """``dilated_convs`` with "auto" settled for ``device``: row_taps on CUDA, native elsewhere. The runner

@@ -34,6 +34,7 @@ from ..models.segmentor import SegOutput, Segmentor
 from .auxiliary import AuxiliaryOptimizers
 from .compile_cache import CompileCache, default_root
 from .config import ExperimentConfig
+from .cuda_graph import GraphedForward
 from .optim import build_optimizer
 from .step import StepModule
 
@@ -169,6 +170,12 @@ class StepRunner:
             if train_cfg.fuses_teacher_epilogues(self.device):
                 fuse_conv_epilogues_(teacher)
             self.teacher = teacher.to(self.device, dtype=self.amp_dtype or torch.float32)
+            if train_cfg.teacher_graph and self.device.type != "cuda":
+                raise ConfigError(f"train.teacher_graph=true needs CUDA (train.device is {self.device}); set it to "
+                                  "null (on CUDA only) or false")
+            self._teacher_call: Callable[..., SegOutput] = (
+                GraphedForward(self.teacher, name="the teacher's forward (train.teacher_graph)")
+                if train_cfg.graphs_teacher(self.device) else self.teacher)
             for lc in cfg.losses:
                 if lc.name in losses:
                     raise ConfigError(f"losses: '{lc.name}' is listed twice")
@@ -208,7 +215,7 @@ class StepRunner:
             loss_mode = None if loss_mode == "default" else loss_mode
             step.model.compile(mode=mode)
             if self.teacher is not None and not self.fp8_pending:
-                self.teacher.compile(mode=mode)
+                self._compile_teacher(mode)
             self._teacher_compile_mode = mode  # an FP8 teacher is compiled by quantize_teacher, once quantized
             for loss in step.losses.values():
                 loss.compile(mode=loss_mode)
@@ -268,8 +275,18 @@ class StepRunner:
         with self.autocast():  # the activations' amax as the teacher's forward will see them
             self.teacher_fp8_convs = quantize_1x1_fp8_(self.teacher, x, with_aux=self.teacher_aux)
         if self.compiled:  # after the swap: the hooks ran eagerly and the graph sees the FP8 modules
-            self.teacher.compile(mode=self._teacher_compile_mode)
+            self._compile_teacher(self._teacher_compile_mode)
         return self.teacher_fp8_convs
+
+    def _compile_teacher(self, mode: str | None) -> None:
+        """torch.compile the teacher, whole or (``train.teacher_compile: head``) only its heads."""
+        assert self.teacher is not None
+        if self.cfg.train.teacher_compile == "head":
+            for head in (self.teacher.head, self.teacher.aux_head):
+                if head is not None:
+                    head.compile(mode=mode)
+        else:
+            self.teacher.compile(mode=mode)
 
     def _check_batch_requirements(self, losses: dict[str, DistillLoss]) -> None:
         for name, loss in losses.items():
@@ -320,7 +337,7 @@ class StepRunner:
             raise RuntimeError("train.teacher_precision=fp8: call StepRunner.quantize_teacher(images) before the "
                                "first step (the Trainer and benchmarks/train_step.py do)")
         with torch.inference_mode(), self.autocast():
-            out = self.teacher(x, with_aux=self.teacher_aux)
+            out = self._teacher_call(x, with_aux=self.teacher_aux)
         # Inference tensors may not be saved for backward; the copy (a few MB) makes them ordinary constants. The
         # backbone stages are copied only for a loss that reads them (``uses_stages``): they are most of the size.
         stages = tuple(s.clone() for s in out.stages) if self.keep_teacher_stages else ()
