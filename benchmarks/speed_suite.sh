@@ -30,7 +30,8 @@
 #   scaling   compiled CWD and CSKD steps for B ∈ {8, 16} × crops 512×1024, 768×1536, 1024×2048
 #   val       validation at 1024×2048 as the Trainer runs it (DeepLabV3-R18, 64 images, 14 workers, 3 rounds)
 #   tests     the test suite on this machine, 8 pytest workers (CUDA-only tests included where there is a GPU);
-#             cskd from this tree (PYTHONPATH), as every stage runs it; needs pytest-xdist and pytest-timeout
+#             cskd from this tree (PYTHONPATH), as every stage runs it; needs pytest-xdist and pytest-timeout;
+#             the log's last lines name each failed and skipped test (-rfs)
 # Environment: DATA (default /tmp/cs_synth) and CACHE (default /tmp/cs_cache) for the loop's images and cache;
 # VAL_DATA (default /tmp/cs_val) for the validation images; STEP_ARGS, extra train_step.py arguments for the step
 # stages and LOOP_ARGS for the loop stages (later ones win: STEP_ARGS="--device cpu --batch 1 --size 32 64 --iters 2 --warmup 1" checks the plumbing).
@@ -105,7 +106,7 @@ for stage in "$@"; do
       done ;;
     val) run val "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 --set data.workers=14 \
            --out "$out/validation_h200.json" ;;
-    tests) run tests "$py" -m pytest -q -n 8 -p no:cacheprovider --timeout=600 "$here/../tests" ;;
+    tests) run tests "$py" -m pytest -q -n 8 -p no:cacheprovider --timeout=600 -rfs "$here/../tests" ;;
     *) echo "unknown stage '$stage' (levers kernels step step_s2b step_fp8 step_cg step_unfused step_native step_stream profile loop loop_warm loop_cg loop_nocache startup startup_profile step_nograph step_head scaling val tests)"; exit 2 ;;
   esac
 done
