@@ -98,3 +98,17 @@ def test_a_missing_base_file_is_named_with_the_config_that_references_it(tmp_pat
     top = write(tmp_path, "top.yaml", {"base": "middle.yaml"})
     with pytest.raises(ConfigError, match=r"middle\.yaml: its base file 'gone\.yaml' does not exist"):
         load_config(top)
+
+
+def test_an_unquoted_off_is_the_word_where_the_choices_are_words(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``off`` as false: ``train.teacher_stream: off`` (a file) and ``--set train.teacher_stream=off``
+    must mean the choice "off", while a bool key keeps its bool and a choice list without the word refuses it."""
+    plain = write(tmp_path, "c.yaml", {"name": "x"})
+    assert load_config(plain, ["train.teacher_stream=off"]).train.teacher_stream == "off"
+    assert load_config(write(tmp_path, "f.yaml", "train:\n  teacher_stream: off\n")).train.teacher_stream == "off"
+    assert load_config(plain, ["train.teacher_graph=off"]).train.teacher_graph is False  # a bool key: false
+    with pytest.raises(ConfigError, match=r"key 'train.dilated_convs' has value False; expected one of 'auto'"):
+        load_config(plain, ["train.dilated_convs=off"])  # no word "off" among its choices
+    from typing import Literal
+
+    assert check_value(True, Literal["on", "off"], "k", "w") == "on"

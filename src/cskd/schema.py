@@ -49,6 +49,11 @@ def _fail(where: str, key: str, value: Any, tp: Any) -> ConfigError:
 _FLOAT_TEXT = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?")
 
 
+# YAML 1.1 (PyYAML) also reads an unquoted off / on as false / true; where those words are among the choices, a bool
+# is taken back to the word that was typed.
+_YAML_BOOL_WORDS = {False: "off", True: "on"}
+
+
 class NonFiniteError(ConfigError):
     """A float key holds NaN or ±inf (kept distinct so that a union type reports it as such)."""
 
@@ -72,6 +77,8 @@ def check_value(value: Any, tp: Any, key: str, where: str) -> Any:
         return value
     origin = get_origin(tp)
     if origin is Literal:
+        if isinstance(value, bool) and _YAML_BOOL_WORDS[value] in get_args(tp):
+            return _YAML_BOOL_WORDS[value]
         if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
             return value
         raise _fail(where, key, value, tp)
