@@ -24,7 +24,7 @@
 #   loop_cg   the same with CUDA graphs over the whole step (train.compile_mode=reduce-overhead)
 #   startup   a cold start-up: the loop for 40 iterations on 32 PNGs with a new, empty compile-cache folder
 #             (the first step's seconds, torch.compile's timers); startup_profile the same under cProfile
-#   step_nograph the step with train.teacher_graph=off (the teacher's kernels launched from Python)
+#   step_nograph the step with train.teacher_graph=false (the teacher's kernels launched from Python)
 #   step_head the step with train.teacher_compile=head (only the teacher's heads compiled)
 #   loop_nocache the loop without data.cache: every sample decoded from its PNG (a dataset's first epoch)
 #   scaling   compiled CWD and CSKD steps for B ∈ {8, 16} × crops 512×1024, 768×1536, 1024×2048
@@ -48,6 +48,8 @@ cache=${CACHE:-/tmp/cs_cache}
 step=("$py" "$here/train_step.py" --compile --no-flops --warmup 10 --iters 120 --methods teacher,cwd,cskd ${STEP_ARGS:-})
 # shellcheck disable=SC2206
 loop=("$py" "$here/train_loop.py" --data "$data" --images 256 --set data.workers=14 ${LOOP_ARGS:-})
+# a cold start-up: few images and iterations, its own data (the loop's 256-image folder is kept for the loop stages)
+startup=(--data "$data.start" --images 32 --set "data.cache=$cache.start" --iterations 40 --window 20 --step-iters 10)
 
 run() {  # run NAME CMD...: log to OUT/NAME.log, say how it ended
   local name=$1
@@ -87,13 +89,11 @@ for stage in "$@"; do
                  --out "$out/train_loop_h200_warm.json" ;;
     loop_cg) run loop_cg "${loop[@]}" --set "data.cache=$cache" --iterations 600 \
                --set train.compile_mode=reduce-overhead --out "$out/train_loop_h200_cudagraphs.json" ;;
-    startup) run startup "${loop[@]}" --data "$data.start" --images 32 --set "data.cache=$cache.start" \
-               --set "train.compile_cache=$(mktemp -d)" --iterations 40 --window 20 --step-iters 10 \
+    startup) run startup "${loop[@]}" "${startup[@]}" --set "train.compile_cache=$(mktemp -d)" \
                --out "$out/train_loop_h200_startup.json" ;;
-    startup_profile) run startup_profile "${loop[@]}" --data "$data.start" --images 32 --set "data.cache=$cache.start" \
-               --set "train.compile_cache=$(mktemp -d)" --iterations 40 --window 20 --step-iters 10 \
-               --cprofile "$out/startup_profile.txt" --out "$out/train_loop_h200_startup_profile.json" ;;
-    step_nograph) run step_nograph "${step[@]}" --set train.teacher_graph=off --out "$out/train_step_h200_nograph.json" ;;
+    startup_profile) run startup_profile "${loop[@]}" "${startup[@]}" --set "train.compile_cache=$(mktemp -d)" \
+                       --cprofile "$out/startup_profile.txt" --out "$out/train_loop_h200_startup_profile.json" ;;
+    step_nograph) run step_nograph "${step[@]}" --set train.teacher_graph=false --out "$out/train_step_h200_nograph.json" ;;
     step_head) run step_head "${step[@]}" --set train.teacher_compile=head --out "$out/train_step_h200_head.json" ;;
     loop_nocache) run loop_nocache "${loop[@]}" --iterations 600 --out "$out/train_loop_h200_nocache.json" ;;
     scaling)

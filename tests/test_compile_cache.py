@@ -147,7 +147,7 @@ def test_saved_artifacts_preload_a_new_process(tmp_path: Path) -> None:
     assert loaded == "True" and int(misses) == 0
 
 
-def test_the_fused_teacher_of_a_cuda_run_has_its_own_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_teachers_fusion_and_compile_scope_key_a_cuda_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import cskd.engine.compile_cache as cc
 
     monkeypatch.setattr(cc, "device_name", lambda device: "a GPU")  # no CUDA needed to build the key
@@ -164,17 +164,8 @@ def test_the_fused_teacher_of_a_cuda_run_has_its_own_key(tmp_path: Path, monkeyp
     assert key(teacher_conv_fusion=False) != key(teacher_conv_fusion=False, teacher_precision="fp8")
     assert key(teacher_precision="fp8") == key(teacher_conv_fusion=False, teacher_precision="fp8")  # fp8: no fusion
     assert key(distill=False) == key(distill=False, teacher_conv_fusion=False)  # no teacher: nothing to fuse
-
-
-def test_a_teacher_compiled_only_in_its_heads_has_its_own_key(tmp_path: Path) -> None:
-    def key(distill: bool = True, **train: object) -> str:
-        raw = _cfg(tmp_path).to_dict()
-        if distill:
-            raw |= {"teacher": {"model": "deeplabv3", "backbone": "resnet18"}, "losses": [{"name": "cwd"}]}
-        cfg = config_from_dict({**raw, "train": {**raw["train"], **train}})
-        return cache_key(key_parts(cfg, torch.device("cpu"), 13, 2, 1))
-
-    assert key(teacher_compile="head") != key()  # other graphs
+    assert key(teacher_compile="head") != key()  # only the teacher's heads compiled: other graphs
     assert key(teacher_compile="whole") == key()  # the default leaves every earlier key as it was
     assert key(teacher_graph=False) == key()  # a graph replays the compiled kernels: the same graphs
     assert key(distill=False, teacher_compile="head") == key(distill=False)  # no teacher: nothing to compile
+

@@ -15,7 +15,7 @@ from cskd.engine.config import config_from_dict
 from cskd.engine.cuda_graph import GraphedForward
 from cskd.engine.runner import StepRunner
 from cskd.errors import ConfigError
-from test_engine import TINY, tiny_config
+from test_engine import TINY, _step_values, tiny_config
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 LOSSES = [{"name": "cwd", "weight": 3.0, "temperature": 2.0}, {"name": "cskd"}]
@@ -141,7 +141,7 @@ def test_steps_with_the_graphed_teacher_equal_the_plain_teachers(
                          teacher_graph=graph, teacher_compile=teacher_compile)
         assert isinstance(runner._teacher_call, GraphedForward) == graph
         steps = [runner.step(*runner.prepare(runner.random_batch(TINY, seed=s))) for s in (1, 2, 3, 2)]
-        values[graph] = [{"loss": t.item(), **{k: v.item() for k, v in terms.items()}} for t, terms in steps]
+        values[graph] = [_step_values(step) for step in steps]
         if graph:
             assert runner._teacher_call.num_graphs == 1
     for want, have in zip(values[False], values[True], strict=True):
