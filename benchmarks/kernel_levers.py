@@ -1,7 +1,8 @@
 """Each kernel-level change of the distillation step timed on its own, before and after, at the step's shapes.
 
-- ``ce``: the cross-entropy of the upsampled logits (main head), forward + backward, eager and compiled
-  (:meth:`cskd.engine.step.StepModule.compile_ce`);
+- ``ce``: the cross-entropy of the upsampled logits (main head), forward + backward, eager, compiled
+  (:meth:`cskd.engine.step.StepModule.compile_ce`) and, where Triton runs, fused (``train.fused_ce``), with the
+  loss's difference from the eager one;
 - ``teacher``: the frozen, BN-folded teacher's forward, compiled, without and with its conv epilogues fused into
   cuDNN's calls (:func:`cskd.models.epilogue.fuse_conv_epilogues_`), and the largest output difference;
 - ``aspp``: DeepLabV3's three dilated ASPP convolutions (d = 12, 24, 36), compiled: the teacher's (2048 → 256,
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 from collections.abc import Callable
@@ -29,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cskd.engine import fused_ce
+from cskd.engine.fused_ce import available as fused_ce_available, fused_upsampled_ce
 from cskd.engine.step import _upsampled_ce, segmentation_ce
 from cskd.models.atrous import row_taps_dilated_
 from cskd.models.epilogue import ConvReLU, fuse_conv_epilogues_
@@ -56,12 +60,34 @@ def ce_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
     logits = torch.randn(args.batch, args.classes, h // 8, w // 8, device=device, dtype=dtype, requires_grad=True)
     targets = torch.randint(0, args.classes, (args.batch, h, w), device=device)
     targets[:, : h // 10] = 255
-    compiled = torch.compile(_upsampled_ce, dynamic=False)
+    variants: list[tuple[str, Callable[..., Tensor] | None]] = [
+        ("eager", None), ("compiled", torch.compile(_upsampled_ce, dynamic=False))]
+    if fused_ce_available(device):  # the default number of warps first
+        for warps in dict.fromkeys((fused_ce.NUM_WARPS, 4, 8)):
+            variants.append((f"fused (train.fused_ce), {warps} warps", functools.partial(_fused_with, warps=warps)))
     rows = []
-    for name, fn in (("eager", None), ("compiled", compiled)):
+    losses, grads = [], []
+    for name, fn in variants:
+        logits.grad = None
+        loss = segmentation_ce(logits, targets, fn)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(logits.grad.clone())
         rows.append({"lever": "ce", "variant": name,
                      "ms": _median_ms(lambda f=fn: segmentation_ce(logits, targets, f).backward(), args, cuda)})
+        if len(losses) > 1:
+            rows[-1].update(_rel_diff(losses[0], losses[-1]))
+            rows[-1]["max_abs_grad_diff"] = (grads[-1].float() - grads[0].float()).abs().max().item()
     return rows
+
+
+def _fused_with(*args: Tensor, warps: int) -> Tensor:
+    default = fused_ce.NUM_WARPS
+    fused_ce.NUM_WARPS = warps
+    try:
+        return fused_upsampled_ce(*args)
+    finally:
+        fused_ce.NUM_WARPS = default
 
 
 def teacher_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
@@ -159,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         note = (f"max |Δ| {r['max_abs_diff']:.3g} of max |value| {r['max_abs_logit']:.3g}"
                 if "max_abs_diff" in r else "")
+        if "max_abs_grad_diff" in r:
+            note += f"; gradient max |Δ| {r['max_abs_grad_diff']:.3g}"
         print(f"| {r['lever']} | {r['variant']} | {r['ms']:.3f} | {note} |")
     if args.out:
         with open(args.out, "w") as f:

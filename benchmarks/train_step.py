@@ -66,6 +66,8 @@ def make_runner(args: argparse.Namespace, method: str, device: torch.device, eag
                   "device": str(device), "budget": {"iterations": 10**6}},
     }
     cfg = config_from_dict(apply_overrides(raw, args.set), "benchmark config" + (" (with --set)" if args.set else ""))
+    if device.type == "cuda":  # the engine's setting (Trainer._configure_backends), from the config
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     runner = StepRunner(cfg, args.num_classes, DistEnv(0, 1, 0, device), args.batch, with_teacher=with_teacher)
     if runner.fp8_pending:  # train.teacher_precision=fp8: calibrate (and then compile) the teacher first
         runner.quantize_teacher(runner.random_batch(tuple(args.size))["image"])
@@ -144,8 +146,6 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    if device.type == "cuda":  # the engine's settings (Trainer._configure_backends); TF32 stays PyTorch's default
-        torch.backends.cudnn.benchmark = True
     size = tuple(args.size)
     rows = []
     for method in args.methods.split(","):

@@ -207,6 +207,15 @@ class TrainConfig:
     graphs ("reduce-overhead") take the launch cost away: on an H200 the B = 8 CSKD step's p90 went 43.5 → 39.8 ms
     at the same p50 (one run; docs/benchmarks.md §8)."""
     cudnn_benchmark: bool = True
+    fused_ce: bool | None = False
+    """The cross-entropy of the upsampled logits (main and aux head) fused: one product along the height, one
+    Triton kernel for the columns, the softmax, the loss and its gradient, one product back; nothing of full
+    resolution is stored (cskd/engine/fused_ce.py). The same function to float32 rounding, deterministic. null:
+    on CUDA where Triton is installed (it comes with PyTorch's CUDA builds); false: the tensor version (two matrix
+    products, then the library's cross-entropy, compiled with the model); true where it cannot run is a config
+    error. Opt-in until timed on a GPU: the first version of the kernel (gathers from the class-strided logits)
+    took 2.5 ms per call on an H100 against 1.8 ms for the compiled tensor version; the current one has not been
+    timed there yet (docs/benchmarks.md §8)."""
     dilated_convs: Literal["auto", "native", "space_to_batch", "row_taps"] = "auto"
     """How the dilated 3×3 convolutions of the student and the teacher run: the library's dilated kernels
     ("native"); exactly the same convolutions as dense ones on a space-to-batch rearrangement; or, where ≥ 10 % of
@@ -252,6 +261,14 @@ class TrainConfig:
         if self.teacher_graph is None:
             return device.type == "cuda" and self.compile_mode != "reduce-overhead"
         return self.teacher_graph
+
+    def fuses_ce(self, device: torch.device) -> bool:
+        """Whether the cross-entropy runs as the fused kernel (``fused_ce`` settled for ``device``)."""
+        from .fused_ce import available
+
+        if self.fused_ce is None:
+            return device.type == "cuda" and available(device)
+        return self.fused_ce
 
     def resolved_dilated_convs(self, device: torch.device) -> str:
         """``dilated_convs`` with "auto" settled for ``device``: row_taps on CUDA, native elsewhere. The runner

@@ -35,6 +35,7 @@ from .auxiliary import AuxiliaryOptimizers
 from .compile_cache import CompileCache, default_root
 from .config import ExperimentConfig
 from .cuda_graph import GraphedForward
+from .fused_ce import available as fused_ce_available
 from .optim import build_optimizer
 from .step import StepModule
 
@@ -219,8 +220,14 @@ class StepRunner:
             self._teacher_compile_mode = mode  # an FP8 teacher is compiled by quantize_teacher, once quantized
             for loss in step.losses.values():
                 loss.compile(mode=loss_mode)
-            step.compile_ce(mode=mode)
+            if not train_cfg.fuses_ce(self.device):
+                step.compile_ce(mode=mode)
             self.cudagraphs = "reduce-overhead" in (mode, loss_mode) and self.device.type == "cuda"
+        if train_cfg.fuses_ce(self.device):
+            if not fused_ce_available(self.device):
+                raise ConfigError(f"train.fused_ce=true needs CUDA with Triton (train.device is {self.device}); set "
+                                  "it to null (on CUDA only) or false")
+            step.use_fused_ce()
         self.step_module = step
         self.student: Segmentor = step.model
         # train.teacher_stream: the teacher's forward on its own CUDA stream; ``_pending`` holds the next batch's

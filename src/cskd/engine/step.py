@@ -100,6 +100,12 @@ class StepModule(nn.Module):
         graph serves every step."""
         self._upsampled_ce = torch.compile(_upsampled_ce, mode=mode, dynamic=False)
 
+    def use_fused_ce(self) -> None:
+        """Run the cross-entropy terms as one Triton kernel each (``train.fused_ce``; cskd/engine/fused_ce.py)."""
+        from .fused_ce import fused_upsampled_ce
+
+        self._upsampled_ce = fused_upsampled_ce
+
     def forward(
         self, images: Tensor, targets: Tensor, teacher: SegOutput | None = None,
         teacher_ready: torch.cuda.Event | None = None,
