@@ -19,9 +19,9 @@ to a second buffer and added one column over, so the sums are deterministic. Lab
 than the ignore value, make the loss NaN (the engine stops on a non-finite loss), where the library's kernel
 would trip a device assertion.
 
-The interpolation weights come from the same float64 formula as :func:`cskd.engine.step._interpolation_matrix`
-(rounded to float32 once), so the fused loss computes the same function as the tensor version, to float32
-rounding. Off CUDA the kernel runs only under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests
+The interpolation weights come from :func:`cskd.engine.step.interpolation_taps`, as the tensor version's
+matrices do (float64, rounded to float32 once), so the fused loss computes the same function as the tensor
+version, to float32 rounding. Off CUDA the kernel runs only under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests
 use; the engine then keeps the tensor version.
 """
 
@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..constants import IGNORE_INDEX
+from .step import interpolation_taps
 
 try:  # Triton comes with PyTorch's CUDA builds; without it the engine keeps the tensor version
     import triton
@@ -53,16 +54,10 @@ def available(device: torch.device) -> bool:
 @functools.lru_cache(maxsize=64)
 def _columns(out_w: int, in_w: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, int]:
     """The output columns' interpolation: (w_left, w_right, first), ``max_run``. Output column x interpolates its
-    input columns j(x) and j(x) + 1 with weights w_left[x] and w_right[x] (the float64 formula of
-    ``_interpolation_matrix``, align_corners=True, each weight rounded to float32 once); j(x) never decreases, so
-    the columns with j(x) = j are first[j] … first[j + 1] − 1; ``max_run`` is the longest such run."""
-    if in_w == 1 or out_w == 1:
-        left = torch.zeros(out_w, dtype=torch.int64)
-        frac = torch.zeros(out_w, dtype=torch.float64)
-    else:
-        src = torch.arange(out_w, dtype=torch.float64) * ((in_w - 1) / (out_w - 1))
-        left = src.floor().long().clamp(max=in_w - 2)
-        frac = src - left
+    input columns j(x) and j(x) + 1 with weights w_left[x] and w_right[x] (``interpolation_taps``, each weight
+    rounded to float32 once, as in the tensor version's matrices); j(x) never decreases, so the columns with
+    j(x) = j are first[j] … first[j + 1] − 1; ``max_run`` is the longest such run."""
+    left, frac = interpolation_taps(out_w, in_w)
     first = torch.searchsorted(left, torch.arange(in_w + 1), side="left")
     max_run = int((first[1:] - first[:-1]).max())
     return (1.0 - frac).float().to(device), frac.float().to(device), first.int().to(device), max_run

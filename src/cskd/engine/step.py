@@ -19,21 +19,25 @@ from ..losses.base import DistillLoss
 from ..models.segmentor import SegOutput, Segmentor
 
 
-@functools.lru_cache(maxsize=64)
-def _interpolation_matrix(out_size: int, in_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The (out × in) matrix of 1-D linear interpolation with align_corners=True: row i holds the weights that
-    ``F.interpolate(..., mode="bilinear", align_corners=True)`` gives output position i."""
+def interpolation_taps(out_size: int, in_size: int) -> tuple[Tensor, Tensor]:
+    """1-D linear interpolation with align_corners=True, in float64: output position i reads input positions
+    lo[i] and min(lo[i] + 1, in_size − 1) with weights 1 − frac[i] and frac[i] (the weights that
+    ``F.interpolate(..., mode="bilinear", align_corners=True)`` gives)."""
     if in_size == 1 or out_size == 1:
-        m = torch.zeros(out_size, in_size, dtype=torch.float64)
-        m[:, 0] = 1.0
-        return m.to(device, dtype)
+        return torch.zeros(out_size, dtype=torch.int64), torch.zeros(out_size, dtype=torch.float64)
     src = torch.arange(out_size, dtype=torch.float64) * ((in_size - 1) / (out_size - 1))
     lo = src.floor().long().clamp(max=in_size - 2)
-    frac = src - lo
+    return lo, src - lo
+
+
+@functools.lru_cache(maxsize=64)
+def _interpolation_matrix(out_size: int, in_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The (out × in) matrix of :func:`interpolation_taps`: row i holds output position i's weights."""
+    lo, frac = interpolation_taps(out_size, in_size)
     m = torch.zeros(out_size, in_size, dtype=torch.float64)
     rows = torch.arange(out_size)
     m[rows, lo] = 1.0 - frac
-    m[rows, lo + 1] += frac
+    m[rows, (lo + 1).clamp(max=in_size - 1)] += frac
     return m.to(device, dtype)
 
 
