@@ -21,8 +21,8 @@ would trip a device assertion.
 
 The interpolation weights come from :func:`cskd.engine.step.interpolation_taps`, as the tensor version's
 matrices do (float64, rounded to float32 once), so the fused loss computes the same function as the tensor
-version, to float32 rounding. Off CUDA the kernel runs only under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests
-use; the engine then keeps the tensor version.
+version, to float32 rounding. Off CUDA the kernel runs only under Triton's interpreter (``TRITON_INTERPRET=1``),
+which the tests use; the engine then keeps the tensor version.
 """
 
 from __future__ import annotations

@@ -204,6 +204,7 @@ class StepRunner:
         step.keep_outputs = bool(self.auxiliary)
         self.cudagraphs = False
         self.compile_cache: CompileCache | None = None
+        fused = train_cfg.fuses_ce(self.device)
         self.compiled = bool(train_cfg.compile or (train_cfg.compile is None and self.device.type == "cuda"))
         if self.compiled:
             if train_cfg.compile_cache is not None:  # before the first (lazy) compile reads the cache folder
@@ -220,11 +221,11 @@ class StepRunner:
             self._teacher_compile_mode = mode  # an FP8 teacher is compiled by quantize_teacher, once quantized
             for loss in step.losses.values():
                 loss.compile(mode=loss_mode)
-            if not train_cfg.fuses_ce(self.device):
+            if not fused:
                 step.compile_ce(mode=mode)
             self.cudagraphs = "reduce-overhead" in (mode, loss_mode) and self.device.type == "cuda"
-        if train_cfg.fuses_ce(self.device):
-            if not fused_ce_available(self.device):
+        if fused:
+            if not fused_ce_available(self.device):  # an explicit true where the kernel cannot run
                 raise ConfigError(f"train.fused_ce=true needs CUDA with Triton (train.device is {self.device}); set "
                                   "it to null (on CUDA only) or false")
             step.use_fused_ce()
