@@ -65,6 +65,9 @@ def ce_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
     if fused_ce_available(device):  # the default number of warps first
         for warps in dict.fromkeys((fused_ce.NUM_WARPS, 4, 8)):
             variants.append((f"fused (train.fused_ce), {warps} warps", functools.partial(_fused_with, warps=warps)))
+        # the previous tiling: each run of output columns in one tile of the next power of two (16 lanes for 9)
+        variants.append((f"fused, one padded tile per run, {fused_ce.NUM_WARPS} warps",
+                         functools.partial(_fused_with, warps=fused_ce.NUM_WARPS, lanes=_padded_lanes)))
     rows = []
     losses, grads = [], []
     for name, fn in variants:
@@ -81,13 +84,18 @@ def ce_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
     return rows
 
 
-def _fused_with(*args: Tensor, warps: int) -> Tensor:
-    default = fused_ce.NUM_WARPS
+def _fused_with(*args: Tensor, warps: int, lanes: Callable[[int], tuple[int, int]] | None = None) -> Tensor:
+    default = fused_ce.NUM_WARPS, fused_ce._lanes
     fused_ce.NUM_WARPS = warps
+    fused_ce._lanes = lanes or default[1]
     try:
         return fused_upsampled_ce(*args)
     finally:
-        fused_ce.NUM_WARPS = default
+        fused_ce.NUM_WARPS, fused_ce._lanes = default
+
+
+def _padded_lanes(max_run: int) -> tuple[int, int]:
+    return max(2, 1 << (max(max_run, 1) - 1).bit_length()), 0
 
 
 def teacher_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:

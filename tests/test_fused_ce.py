@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(fused_ce.triton is None, reason="needs Triton")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 # Each case: (B, C, h, w, H, W, logits dtype, channels_last, targets dtype). Degenerate sizes: h = 1, w = 1, the
-# same size (no upsampling), a downsampling; widths that are not multiples of the kernel's blocks.
+# same size (no upsampling), a downsampling; widths that are not multiples of the kernel's blocks; runs of 8 and 9
+# output columns per input column, as at 64×128 → 512×1024 (the kernel's 8 + 2 lanes), and of 4 to 5 (4 + 2).
 CASES = [
     (2, 5, 4, 6, 13, 22, "float32", False, "int64"),
     (1, 3, 1, 5, 4, 9, "float32", False, "int64"),
@@ -30,6 +31,7 @@ CASES = [
     (2, 3, 3, 4, 3, 4, "float32", False, "int64"),
     (1, 6, 9, 70, 5, 41, "float32", False, "uint8"),
     (2, 19, 5, 40, 33, 300, "bfloat16", True, "int64"),
+    (1, 19, 3, 16, 5, 128, "float32", False, "int64"),
 ]
 
 _CHILD = textwrap.dedent("""
@@ -86,6 +88,15 @@ def test_fused_ce_matches_the_float64_reference_under_the_interpreter() -> None:
         assert r["grad_dtype"] == f"torch.{case[6]}"
     assert got["all_ignored"] == "nan"
     assert got["bad_label"] == "nan"
+
+
+def test_lanes_cover_every_run_with_power_of_two_tiles() -> None:
+    for max_run in range(0, 70):
+        run, tail = fused_ce._lanes(max_run)
+        for n in (run, tail):
+            assert n == 0 or n & (n - 1) == 0
+        assert run >= 2 and run + tail >= max_run and (tail == 0 or run <= max_run)
+        assert run + tail < 2 * max(max_run, 2)  # never the next power of two's padding (16 lanes for 9 columns)
 
 
 def test_fused_ce_is_refused_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:

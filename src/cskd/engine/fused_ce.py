@@ -69,54 +69,80 @@ NUM_WARPS = 4
 if triton is not None:
 
     @triton.jit
+    def _pixels(tgt_row, s_tw, w_left, w_right, here, right, x_first, x_stop, cs, cmask, C, ignore_index,
+                R0: tl.constexpr, RUN: tl.constexpr):
+        """Output columns first[j] + R0 … + RUN − 1 of each input column j of the block (those before first[j + 1]):
+        their summed gradient shares for columns j and j + 1 (J, C), and their loss sum and labelled count."""
+        xs = x_first[:, None] + R0 + tl.arange(0, RUN)[None, :]  # (J, RUN)
+        xmask = xs < x_stop[:, None]
+        wl = tl.load(w_left + xs, mask=xmask, other=0.0)[:, :, None]
+        wr = tl.load(w_right + xs, mask=xmask, other=0.0)[:, :, None]
+        z = wl * here[:, None, :] + wr * right[:, None, :]  # (J, RUN, C): each pixel's logits
+        z = tl.where(cmask[None, None, :], z, float("-inf"))
+        zmax = tl.max(z, axis=2)
+        e = tl.exp(z - zmax[:, :, None])
+        total = tl.sum(e, axis=2)
+        t = tl.load(tgt_row + xs.to(tl.int64) * s_tw, mask=xmask, other=ignore_index).to(tl.int32)
+        valid = xmask & (t != ignore_index)
+        onehot = cs[None, None, :] == t[:, :, None]
+        # the pixel's gradient, softmax − one-hot, summed into its two input columns with their weights
+        p = e * (1.0 / total)[:, :, None]
+        d = tl.where(valid[:, :, None] & cmask[None, None, :], p - onehot.to(tl.float32), 0.0)
+        picked = tl.sum(tl.where(onehot, z, 0.0), axis=2)
+        pixel = tl.where((t < 0) | (t >= C), float("nan"), zmax + tl.log(total) - picked)
+        loss = tl.sum(tl.sum(tl.where(valid, pixel, 0.0), axis=1), axis=0)
+        count = tl.sum(tl.sum(valid.to(tl.int32), axis=1), axis=0)
+        return tl.sum(d * wl, axis=1), tl.sum(d * wr, axis=1), loss, count
+
+    @triton.jit
     def _upsampled_ce_kernel(
         rows, targets, s_tb, s_th, s_tw, w_left, w_right, first,
         grad_left, grad_right, loss_part, count_part,
         C, in_w, out_h, n_blocks, ignore_index,
-        BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, RUN: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, RUN: tl.constexpr, TAIL: tl.constexpr,
     ):
         """Output row y of image b (program axis 0), the output columns whose left input column lies in one
         block of BLOCK_J input columns (axis 1). ``rows``: the logits already interpolated along the height,
-        (B, H, w, C) float32, so a pixel's logits mix two of its rows' entries: no gather."""
+        (B, H, w, C) float32, so a pixel's logits mix two of its rows' entries: no gather. An input column's
+        run of output columns is taken as RUN columns, then TAIL more where runs are longer (runs of 8 and 9
+        as 8 + 2 lanes, not 16)."""
         row = tl.program_id(0)  # b · out_h + y
         blk = tl.program_id(1)
         js = blk * BLOCK_J + tl.arange(0, BLOCK_J)
         jmask = js < in_w
         x_first = tl.load(first + js, mask=jmask, other=0)
         x_stop = tl.load(first + js + 1, mask=jmask, other=0)
-        xs = x_first[:, None] + tl.arange(0, RUN)[None, :]  # (J, RUN): the output columns of each input column
-        xmask = xs < x_stop[:, None]
-        wl = tl.load(w_left + xs, mask=xmask, other=0.0)[:, :, None]
-        wr = tl.load(w_right + xs, mask=xmask, other=0.0)[:, :, None]
         cs = tl.arange(0, BLOCK_C)
         cmask = cs < C
         line = rows + row.to(tl.int64) * in_w * C
         here = tl.load(line + js[:, None] * C + cs[None, :], mask=jmask[:, None] & cmask[None, :], other=0.0)
         right = tl.load(line + (js[:, None] + 1) * C + cs[None, :],
                         mask=(js[:, None] + 1 < in_w) & cmask[None, :], other=0.0)
-        z = wl * here[:, None, :] + wr * right[:, None, :]  # (J, RUN, C): each pixel's logits
-        z = tl.where(cmask[None, None, :], z, float("-inf"))
-        zmax = tl.max(z, axis=2)
-        e = tl.exp(z - zmax[:, :, None])
-        total = tl.sum(e, axis=2)
-        b = (row // out_h).to(tl.int64)
-        y = (row % out_h).to(tl.int64)
-        t = tl.load(targets + b * s_tb + y * s_th + xs.to(tl.int64) * s_tw, mask=xmask,
-                    other=ignore_index).to(tl.int32)
-        valid = xmask & (t != ignore_index)
-        onehot = cs[None, None, :] == t[:, :, None]
-        # the pixel's gradient, softmax − one-hot, summed into its two input columns with their weights
-        p = e * (1.0 / total)[:, :, None]
-        d = tl.where(valid[:, :, None] & cmask[None, None, :], p - onehot.to(tl.float32), 0.0)
+        tgt_row = targets + (row // out_h).to(tl.int64) * s_tb + (row % out_h).to(tl.int64) * s_th
+        g_left, g_right, loss, count = _pixels(tgt_row, s_tw, w_left, w_right, here, right, x_first, x_stop, cs,
+                                               cmask, C, ignore_index, 0, RUN)
+        if TAIL > 0:
+            l2, r2, loss2, count2 = _pixels(tgt_row, s_tw, w_left, w_right, here, right, x_first, x_stop, cs, cmask,
+                                            C, ignore_index, RUN, TAIL)
+            g_left += l2
+            g_right += r2
+            loss += loss2
+            count += count2
         out = row.to(tl.int64) * in_w * C + js[:, None] * C + cs[None, :]
         smask = jmask[:, None] & cmask[None, :]
-        tl.store(grad_left + out, tl.sum(d * wl, axis=1), mask=smask)
-        tl.store(grad_right + out, tl.sum(d * wr, axis=1), mask=smask)
-        picked = tl.sum(tl.where(onehot, z, 0.0), axis=2)
-        pixel = tl.where((t < 0) | (t >= C), float("nan"), zmax + tl.log(total) - picked)
+        tl.store(grad_left + out, g_left, mask=smask)
+        tl.store(grad_right + out, g_right, mask=smask)
         part = row * n_blocks + blk
-        tl.store(loss_part + part, tl.sum(tl.sum(tl.where(valid, pixel, 0.0), axis=1), axis=0))
-        tl.store(count_part + part, tl.sum(tl.sum(valid.to(tl.int32), axis=1), axis=0))
+        tl.store(loss_part + part, loss)
+        tl.store(count_part + part, count)
+
+
+def _lanes(max_run: int) -> tuple[int, int]:
+    """(RUN, TAIL): power-of-two lane counts covering runs of up to ``max_run`` output columns, RUN the largest
+    power of two ≤ max_run (at least 2), TAIL the rest rounded up (0 where RUN covers it)."""
+    run = max(2, 1 << (max(max_run, 1).bit_length() - 1))
+    rest = max_run - run
+    return run, 0 if rest <= 0 else max(2, 1 << (rest - 1).bit_length())
 
 
 def _forward(logits: Tensor, targets: Tensor, mh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,7 +156,7 @@ def _forward(logits: Tensor, targets: Tensor, mh: Tensor) -> tuple[Tensor, Tenso
     rows = torch.matmul(mh, logits.float().permute(0, 2, 3, 1).reshape(b, h, w * c))
     w_left, w_right, first, max_run = _columns(out_w, w, dev)
     block_c = max(2, triton.next_power_of_2(c))
-    run = max(2, triton.next_power_of_2(max_run))
+    run, tail = _lanes(max_run)
     block_j = max(2, min(64, 4096 // (run * block_c)))
     n_blocks = triton.cdiv(w, block_j)
     grad_left = torch.empty(b, out_h, w, c, device=dev, dtype=torch.float32)
@@ -141,7 +167,7 @@ def _forward(logits: Tensor, targets: Tensor, mh: Tensor) -> tuple[Tensor, Tenso
         rows, targets, *targets.stride(), w_left, w_right, first,
         grad_left, grad_right, loss_part, count_part,
         c, w, out_h, n_blocks, IGNORE_INDEX,
-        BLOCK_C=block_c, BLOCK_J=block_j, RUN=run, num_warps=NUM_WARPS,
+        BLOCK_C=block_c, BLOCK_J=block_j, RUN=run, TAIL=tail, num_warps=NUM_WARPS,
     )
     count = count_part.sum()
     loss = loss_part.sum() / count
