@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cskd.engine import fused_ce
 from cskd.engine.fused_ce import available as fused_ce_available, fused_upsampled_ce
@@ -37,6 +37,7 @@ from cskd.engine.step import _upsampled_ce, segmentation_ce
 from cskd.models.atrous import row_taps_dilated_
 from cskd.models.epilogue import ConvReLU, fuse_conv_epilogues_
 from cskd.models.fusion import fold_batchnorm_
+from cskd.models.maxpool import TritonMaxPool, available as maxpool_available
 from cskd.models.segmentor import build_segmentor
 from cskd.timing import time_calls
 
@@ -159,7 +160,31 @@ def aspp_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     return rows
 
 
-LEVERS = {"ce": ce_rows, "teacher": teacher_rows, "aspp": aspp_rows}
+def pool_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """The student stem's 3×3/2 max-pool, forward + backward on its ReLU'd input (B × 128 × H/2 × W/2): compiled
+    (inductor's argmax-recomputing backward), and the Triton kernels (train.fused_maxpool)."""
+    cuda = device.type == "cuda"
+    h, w = args.size
+    x = _layout(torch.randn(args.batch, 128, h // 2, w // 2, device=device).relu().to(dtype), cuda).requires_grad_()
+    gy = _layout(torch.randn(args.batch, 128, h // 4, w // 4, device=device, dtype=dtype), cuda)
+    variants: list[tuple[str, nn.Module]] = [("compiled nn.MaxPool2d", torch.compile(nn.MaxPool2d(3, 2, 1)))]
+    if maxpool_available(device):
+        variants.append(("Triton (train.fused_maxpool)", TritonMaxPool()))
+    rows, outs = [], []
+    for name, pool in variants:
+        x.grad = None
+        y = pool(x)
+        y.backward(gy)
+        outs.append((y.detach(), x.grad.clone()))
+        rows.append({"lever": "pool", "variant": name,
+                     "ms": _median_ms(lambda p=pool: p(x).backward(gy), args, cuda)})
+        if len(outs) > 1:
+            rows[-1].update(_rel_diff(outs[0][0], outs[-1][0]))
+            rows[-1]["max_abs_grad_diff"] = (outs[-1][1].float() - outs[0][1].float()).abs().max().item()
+    return rows
+
+
+LEVERS = {"ce": ce_rows, "teacher": teacher_rows, "aspp": aspp_rows, "pool": pool_rows}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,13 +10,15 @@
 #   kernels   the cross-entropy (eager, compiled) and the teacher's forward (conv epilogues separate, fused)
 #             (benchmarks/kernel_levers.py)
 #   kernels_ce the cross-entropy alone: eager, compiled, and fused (train.fused_ce) with 4 and 8 warps
-#   tests_ce  the fused cross-entropy's tests (tests/test_fused_ce.py, CUDA-only ones included)
+#   kernels_pool the student stem's max-pool, forward + backward: compiled, and the Triton kernels (train.fused_maxpool)
+#   tests_kernels the Triton kernels' tests (tests/test_fused_ce.py, tests/test_maxpool.py, CUDA-only ones included)
 #   step      compiled teacher-only, CWD and CSKD steps, B = 8, 512×1024, 120 timed iterations (the defaults: on
 #             CUDA, ASPP's dilated convs as matrix products per tap row, train.dilated_convs auto → row_taps)
 #   step_native the same with train.dilated_convs=native (the library's dilated kernels)
 #   step_s2b  the same with train.dilated_convs=space_to_batch
 #   step_fp8  the same with train.teacher_precision=fp8
 #   step_fused_ce the same with train.fused_ce=true (the cross-entropy of the upsampled logits as one Triton kernel)
+#   step_fused_pool the same with train.fused_maxpool=true (the student stem's max-pool as two Triton kernels)
 #   step_cg   the same with CUDA graphs over the whole step (--compile-mode reduce-overhead)
 #   step_unfused the same with train.teacher_conv_fusion=false (the teacher's conv epilogues as separate kernels)
 #   step_stream the same with train.teacher_stream=forward (the teacher on a second CUDA stream, alongside the
@@ -73,8 +75,12 @@ for stage in "$@"; do
     levers) run levers "$py" "$here/conv_levers.py" --out "$out/conv_levers_h200.json" ;;
     kernels) run kernels "$py" "$here/kernel_levers.py" --out "$out/kernel_levers_h200.json" ;;
     kernels_ce) run kernels_ce "$py" "$here/kernel_levers.py" --levers ce --out "$out/kernel_levers_ce_h200.json" ;;
-    tests_ce) run tests_ce "$py" -m pytest -q -p no:cacheprovider -rfs "$here/../tests/test_fused_ce.py" ;;
+    kernels_pool) run kernels_pool "$py" "$here/kernel_levers.py" --levers pool --out "$out/kernel_levers_pool_h200.json" ;;
+    tests_kernels) run tests_kernels "$py" -m pytest -q -p no:cacheprovider -rfs "$here/../tests/test_fused_ce.py" \
+                     "$here/../tests/test_maxpool.py" ;;
     step) run step "${step[@]}" --out "$out/train_step_h200.json" ;;
+    step_fused_pool) run step_fused_pool "${step[@]}" --set train.fused_maxpool=true \
+                      --out "$out/train_step_h200_fused_pool.json" ;;
     step_fused_ce) run step_fused_ce "${step[@]}" --set train.fused_ce=true --out "$out/train_step_h200_fused_ce.json" ;;
     step_s2b) run step_s2b "${step[@]}" --set train.dilated_convs=space_to_batch \
                 --out "$out/train_step_h200_space_to_batch.json" ;;
@@ -116,6 +122,6 @@ for stage in "$@"; do
     val_profile) run val_profile "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 \
                    --set data.workers=14 --rounds 4 --profile --out "$out/validation_h200_profile.json" ;;
     tests) run tests "$py" -m pytest -q -n 8 -p no:cacheprovider --timeout=600 -rfs "$here/../tests" ;;
-    *) echo "unknown stage '$stage' (levers kernels kernels_ce tests_ce step step_fused_ce step_s2b step_fp8 step_cg step_unfused step_native step_stream profile loop loop_warm loop_cg loop_nocache startup startup_profile step_nograph step_head scaling val val_profile tests)"; exit 2 ;;
+    *) echo "unknown stage '$stage' (levers kernels kernels_ce kernels_pool tests_kernels step step_fused_ce step_fused_pool step_s2b step_fp8 step_cg step_unfused step_native step_stream profile loop loop_warm loop_cg loop_nocache startup startup_profile step_nograph step_head scaling val val_profile tests)"; exit 2 ;;
   esac
 done

@@ -21,7 +21,8 @@ def test_kernel_levers_benchmark_on_cpu(tmp_path, capsys):
     assert [(r["lever"], r["variant"].split(" ")[0]) for r in rows] == [
         ("ce", "eager"), ("ce", "compiled"),
         ("teacher", "unfused"), ("teacher", "fused"),
-        *[(f"aspp {who}", f"d={d}") for who in ("teacher", "student") for d in (12, 12, 24, 24, 36, 36)]]
+        *[(f"aspp {who}", f"d={d}") for who in ("teacher", "student") for d in (12, 12, 24, 24, 36, 36)],
+        ("pool", "compiled")]
     assert all(r["ms"] > 0 for r in rows)
     teacher = rows[3]
     assert teacher["max_abs_diff"] <= 1e-4 * teacher["max_abs_logit"]  # float32 on the CPU: the same function

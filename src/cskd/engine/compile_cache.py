@@ -82,6 +82,7 @@ def key_parts(
         **({"teacher_precision": train["teacher_precision"]}
            if train.get("teacher_precision", "amp") != "amp" else {}),
         **({"dilated_convs": dilated} if (dilated := cfg.train.resolved_dilated_convs(device)) != "native" else {}),
+        **({"fused_maxpool": True} if cfg.train.fuses_maxpool(device) else {}),
         # a fused teacher is other graphs; keyed, like the teacher itself, only when there is one
         **({"teacher_conv_fusion": True} if config["losses"] and cfg.train.fuses_teacher_epilogues(device) else {}),
         **({"teacher_compile": train["teacher_compile"]}

@@ -216,6 +216,11 @@ class TrainConfig:
     error. Opt-in until timed on a GPU: the first version of the kernel (gathers from the class-strided logits)
     took 2.5 ms per call on an H100 against 1.8 ms for the compiled tensor version; the current one has not been
     timed there yet (docs/benchmarks.md §8)."""
+    fused_maxpool: bool | None = False
+    """The trained student's 3×3/2 max-pools (the ResNet stem's) as two Triton kernels that save each window's
+    winning tap as one int8, where inductor's backward recomputes every window's argmax (0.95 ms per step on an
+    H200, ~9× its bandwidth bound). Exactly nn.MaxPool2d, ties and NaN included (cskd/models/maxpool.py). null:
+    on CUDA where Triton is installed; true where it cannot run is a config error. Opt-in until timed on a GPU."""
     dilated_convs: Literal["auto", "native", "space_to_batch", "row_taps"] = "auto"
     """How the dilated 3×3 convolutions of the student and the teacher run: the library's dilated kernels
     ("native"); exactly the same convolutions as dense ones on a space-to-batch rearrangement; or, where ≥ 10 % of
@@ -269,6 +274,15 @@ class TrainConfig:
         if self.fused_ce is None:
             return device.type == "cuda" and available(device)
         return self.fused_ce
+
+    def fuses_maxpool(self, device: torch.device) -> bool:
+        """Whether the student's stem max-pools run as the Triton kernels (``fused_maxpool`` settled for
+        ``device``). The runner swaps on this answer and the compile cache keys on it."""
+        from ..models.maxpool import available
+
+        if self.fused_maxpool is None:
+            return device.type == "cuda" and available(device)
+        return self.fused_maxpool
 
     def resolved_dilated_convs(self, device: torch.device) -> str:
         """``dilated_convs`` with "auto" settled for ``device``: row_taps on CUDA, native elsewhere. The runner

@@ -27,6 +27,7 @@ from ..checkpoints.weights import load_teacher_weights, load_weights
 from ..distributed import DistEnv, all_gather_objects
 from ..models import build_segmentor
 from ..models.atrous import row_taps_dilated_, space_to_batch_dilated_
+from ..models.maxpool import available as maxpool_available, triton_max_pools_
 from ..models.epilogue import fuse_conv_epilogues_
 from ..models.fp8 import cpu_scaled_mm_available, quantize_1x1_fp8_
 from ..models.fusion import fold_batchnorm_
@@ -143,6 +144,11 @@ class StepRunner:
                                   pretrained_base=model_cfg.pretrained_base)
         if model_cfg.weights:
             load_weights(student, model_cfg.weights)
+        if train_cfg.fuses_maxpool(self.device):
+            if not maxpool_available(self.device):  # an explicit true where the kernels cannot run
+                raise ConfigError(f"train.fused_maxpool=true needs CUDA with Triton (train.device is {self.device}); "
+                                  "set it to null (on CUDA only) or false")
+            triton_max_pools_(student)
         dilated = train_cfg.resolved_dilated_convs(self.device)
         dilated_chosen = train_cfg.dilated_convs != "auto"
         _rewrite_dilated_convs(student, dilated, cfg.data.crop_size, chosen=dilated_chosen)

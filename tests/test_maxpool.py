@@ -1,0 +1,180 @@
+"""The Triton stem max-pool (train.fused_maxpool) against ATen's ``F.max_pool2d`` on float64: values, the tie rule
+(ReLU zeros), NaN, padding, layouts, and gradients placed and summed as ATen places them. On the CPU the kernels
+run under Triton's interpreter, in a subprocess (the interpreter is chosen when the kernels are defined)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cskd.models import maxpool
+
+pytestmark = pytest.mark.skipif(maxpool.triton is None, reason="needs Triton")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# (B, C, H, W, dtype, channels_last): odd and even sizes, one-pixel maps, more channels than a power of two.
+CASES = [
+    (2, 5, 7, 9, "float32", False),
+    (1, 3, 6, 8, "bfloat16", True),
+    (1, 2, 1, 1, "float32", False),
+    (2, 3, 2, 3, "float32", True),
+    (1, 19, 5, 70, "float16", False),
+]
+
+_CHILD = textwrap.dedent("""
+    import json, sys
+    import torch, torch.nn.functional as F
+    from cskd.models.maxpool import TritonMaxPool, max_pool_3x3s2
+    out = []
+    for (b, c, h, w, dt, cl) in json.loads(sys.argv[1]):
+        g = torch.Generator().manual_seed(b * 100 + w)
+        # ReLU-like: a third exact zeros (ties), small integers (more ties), so a misplaced gradient shows
+        x = torch.randint(-3, 4, (b, c, h, w), generator=g).clamp(min=0).double()
+        x = x + torch.randint(0, 2, x.shape, generator=g) * 0.5
+        x = x.to(getattr(torch, dt))
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ref_in = x.double().requires_grad_()
+        x.requires_grad_()
+        y = TritonMaxPool()(x)
+        ref = F.max_pool2d(ref_in, 3, 2, 1)
+        gy = torch.randint(1, 9, ref.shape, generator=g).double()  # integers: every sum exact in each dtype
+        y.backward(gy.to(y.dtype))
+        ref.backward(gy)
+        out.append({"value_diff": (y.double() - ref).abs().max().item(),
+                    "grad_diff": (x.grad.double() - ref_in.grad).abs().max().item(),
+                    "grad_sum": ref_in.grad.sum().item(), "cl_kept": y.is_contiguous(memory_format=torch.channels_last),
+                    "grad_cl": x.grad.is_contiguous(memory_format=torch.channels_last)})
+    # NaN: ATen's window takes it (and the gradient goes to the last NaN of the window)
+    x = torch.tensor([[[[1.0, float("nan"), 2.0], [float("nan"), 0.0, 5.0], [3.0, 4.0, 0.0]]]], requires_grad=True)
+    r = x.detach().double().requires_grad_()
+    y, ref = TritonMaxPool()(x), F.max_pool2d(r, 3, 2, 1)
+    y.sum().backward()
+    ref.sum().backward()
+    nan = {"y": str(y.flatten().tolist()), "ref": str(ref.flatten().tolist()),
+           "grad": x.grad.flatten().tolist(), "ref_grad": r.grad.flatten().tolist()}
+    # a gradient in another layout than the saved taps (channels-last input, contiguous incoming gradient)
+    x = torch.rand(1, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    r = x.detach().double().requires_grad_()
+    gy = torch.rand(1, 4, 3, 3)
+    TritonMaxPool()(x).backward(gy.contiguous())
+    F.max_pool2d(r, 3, 2, 1).backward(gy.double())
+    layout = (x.grad.double() - r.grad).abs().max().item()
+    print(json.dumps({"cases": out, "nan": nan, "layout": layout}))
+""")
+
+
+def _interpret(cases: list) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_triton_max_pool_matches_aten_under_the_interpreter() -> None:
+    got = _interpret(CASES)
+    for case, r in zip(CASES, got["cases"]):
+        assert r["value_diff"] == 0.0, (case, r)  # a selection: exact
+        assert r["grad_diff"] == 0.0, (case, r)  # integer gradients on the same winners: exact
+        assert r["grad_sum"] > 0
+        if case[2] * case[3] > 1:  # (a 1×1 map is contiguous in both formats)
+            assert r["cl_kept"] == case[5] and r["grad_cl"] == case[5], case
+    nan = got["nan"]
+    assert nan["y"] == nan["ref"] == "[nan, nan, nan, 5.0]"
+    assert nan["grad"] == nan["ref_grad"]
+    assert got["layout"] < 1e-6
+
+
+def test_only_plain_3x3_stride_2_pools_are_swapped() -> None:
+    net = nn.Sequential(nn.MaxPool2d(3, 2, 1), nn.Sequential(nn.MaxPool2d(3, 2, 1)), nn.MaxPool2d(2, 2),
+                        nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.MaxPool2d(3, 1, 1))
+    assert maxpool.triton_max_pools_(net) == 2
+    kinds = [type(m).__name__ for m in (net[0], net[1][0], net[2], net[3], net[4])]
+    assert kinds == ["TritonMaxPool", "TritonMaxPool", "MaxPool2d", "MaxPool2d", "MaxPool2d"]
+    # float64 is not what the kernels compare in: ATen's pool, the same values
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    assert torch.equal(net[0](x), F.max_pool2d(x, 3, 2, 1))
+
+
+def test_fused_maxpool_is_refused_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cskd.distributed import DistEnv
+    from cskd.engine.config import config_from_dict
+    from cskd.engine.runner import StepRunner
+    from cskd.errors import ConfigError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = config_from_dict({"train": {"device": "cpu"}}, "test")
+    assert cfg.train.fuses_maxpool(torch.device("cpu")) is False  # null: nn.MaxPool2d off CUDA
+    cfg = config_from_dict({"model": {"model": "fcn", "backbone": "resnet18", "aux": False},
+                            "train": {"device": "cpu", "fused_maxpool": True, "batch_size": 2}}, "test")
+    with pytest.raises(ConfigError, match="train.fused_maxpool=true needs CUDA"):
+        StepRunner(cfg, 3, DistEnv(0, 1, 0, torch.device("cpu")), 2)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_max_pool_on_cuda_matches_aten(dtype: torch.dtype) -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 64, 66, 130, device="cuda", generator=g).relu().to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    r = x.detach().double().requires_grad_()
+    y = maxpool.TritonMaxPool()(x)
+    ref = F.max_pool2d(r, 3, 2, 1)
+    gy = torch.randint(1, 9, ref.shape, device="cuda", generator=g).double()
+    y.backward(gy.to(dtype))
+    ref.backward(gy)
+    assert torch.equal(y.double(), ref)
+    assert torch.equal(x.grad.double(), r.grad)
+
+
+@cuda
+def test_triton_max_pool_compiles_into_a_graph() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), maxpool.TritonMaxPool(), nn.Conv2d(8, 4, 1)).cuda()
+    ref = nn.Sequential(*[m for m in net[:2]], nn.MaxPool2d(3, 2, 1), net[3])
+    x = torch.randn(2, 3, 32, 48, device="cuda")
+    compiled = torch.compile(net, fullgraph=True)
+    out = compiled(x)
+    out.square().mean().backward()
+    grad = net[0].weight.grad.clone()
+    net.zero_grad()
+    expect = ref(x)
+    expect.square().mean().backward()
+    torch.testing.assert_close(out, expect)
+    torch.testing.assert_close(grad, net[0].weight.grad)
+
+
+@cuda
+def test_a_cuda_step_with_the_triton_pool_gives_the_same_terms_and_gradients() -> None:
+    """The engine's step with train.fused_maxpool on and off (eager, float32): the same terms and gradients."""
+    from cskd.distributed import DistEnv
+    from cskd.engine.config import config_from_dict
+    from cskd.engine.runner import StepRunner
+
+    dev = torch.device("cuda")
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        cfg = config_from_dict({"model": {"model": "deeplabv3", "backbone": "resnet18"},
+                                "data": {"crop_size": [128, 256]},
+                                "train": {"device": "cuda", "fused_maxpool": fused, "compile": False, "amp": "none",
+                                          "batch_size": 2, "lr": 1e-9}}, "test")
+        runner = StepRunner(cfg, 7, DistEnv(0, 1, 0, dev), 2)
+        pools = [m for m in runner.student.modules() if isinstance(m, maxpool.TritonMaxPool)]
+        assert len(pools) == (1 if fused else 0)
+        batch = runner.random_batch((128, 256))
+        _, t = runner.step(*runner.prepare(batch))
+        grad = runner.student.backbone.conv1.weight.grad
+        results.append((t, None if grad is None else grad.clone()))
+    for k in ("ce", "aux"):
+        torch.testing.assert_close(results[0][0][k], results[1][0][k], rtol=1e-6, atol=0)
+    assert results[0][1] is not None  # the stem's first conv, below the pool: its gradient went through it
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
