@@ -37,6 +37,7 @@ from cskd.engine.step import _upsampled_ce, segmentation_ce
 from cskd.models.atrous import row_taps_dilated_
 from cskd.models.epilogue import ConvReLU, fuse_conv_epilogues_
 from cskd.models.fusion import fold_batchnorm_
+from cskd.models import maxpool
 from cskd.models.maxpool import TritonMaxPool, available as maxpool_available
 from cskd.models.segmentor import build_segmentor
 from cskd.timing import time_calls
@@ -167,9 +168,12 @@ def pool_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     h, w = args.size
     x = _layout(torch.randn(args.batch, 128, h // 2, w // 2, device=device).relu().to(dtype), cuda).requires_grad_()
     gy = _layout(torch.randn(args.batch, 128, h // 4, w // 4, device=device, dtype=dtype), cuda)
-    variants: list[tuple[str, nn.Module]] = [("compiled nn.MaxPool2d", torch.compile(nn.MaxPool2d(3, 2, 1)))]
-    if maxpool_available(device):
-        variants.append(("Triton (train.fused_maxpool)", TritonMaxPool()))
+    variants: list[tuple[str, Callable[[Tensor], Tensor]]] = [
+        ("compiled nn.MaxPool2d", torch.compile(nn.MaxPool2d(3, 2, 1)))]
+    if maxpool_available(device):  # the default block first
+        for block in dict.fromkeys((maxpool.BLOCK_X, 16, 32)):
+            variants.append((f"Triton (train.fused_maxpool), {block} columns per program",
+                             functools.partial(_pool_with, block=block)))
     rows, outs = [], []
     for name, pool in variants:
         x.grad = None
@@ -182,6 +186,15 @@ def pool_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             rows[-1].update(_rel_diff(outs[0][0], outs[-1][0]))
             rows[-1]["max_abs_grad_diff"] = (outs[-1][1].float() - outs[0][1].float()).abs().max().item()
     return rows
+
+
+def _pool_with(x: Tensor, block: int) -> Tensor:
+    default = maxpool.BLOCK_X
+    maxpool.BLOCK_X = block
+    try:
+        return TritonMaxPool()(x)
+    finally:
+        maxpool.BLOCK_X = default
 
 
 LEVERS = {"ce": ce_rows, "teacher": teacher_rows, "aspp": aspp_rows, "pool": pool_rows}

@@ -68,7 +68,23 @@ _CHILD = textwrap.dedent("""
     TritonMaxPool()(x).backward(gy.contiguous())
     F.max_pool2d(r, 3, 2, 1).backward(gy.double())
     layout = (x.grad.double() - r.grad).abs().max().item()
-    print(json.dumps({"cases": out, "nan": nan, "layout": layout}))
+    # the custom ops' registrations (schema, fake tensors, autograd, AOT dispatch as torch.compile uses them)
+    x = torch.rand(2, 3, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    checks = torch.library.opcheck(max_pool_3x3s2, (x,))
+    # inside a compiled graph (fullgraph: the ops do not break it), forward and backward as the eager nn.MaxPool2d
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), TritonMaxPool(),
+                              torch.nn.Conv2d(8, 4, 1))
+    ref = torch.nn.Sequential(net[0], net[1], torch.nn.MaxPool2d(3, 2, 1), net[3])
+    x = torch.randn(2, 3, 12, 18)
+    y = torch.compile(net, fullgraph=True)(x)
+    y.square().mean().backward()
+    g = net[0].weight.grad.clone()
+    net.zero_grad()
+    e = ref(x)
+    e.square().mean().backward()
+    compiled = [(y - e).abs().max().item(), (g - net[0].weight.grad).abs().max().item(), g.abs().max().item()]
+    print(json.dumps({"cases": out, "nan": nan, "layout": layout, "opcheck": checks, "compiled": compiled}))
 """)
 
 
@@ -92,6 +108,46 @@ def test_triton_max_pool_matches_aten_under_the_interpreter() -> None:
     assert nan["y"] == nan["ref"] == "[nan, nan, nan, 5.0]"
     assert nan["grad"] == nan["ref_grad"]
     assert got["layout"] < 1e-6
+    assert got["opcheck"] and set(got["opcheck"].values()) == {"SUCCESS"}, got["opcheck"]
+    out_diff, grad_diff, grad_max = got["compiled"]
+    assert out_diff < 1e-5 and grad_diff <= 1e-5 * grad_max and grad_max > 0
+
+
+_ENGINE_CHILD = textwrap.dedent("""
+    import json
+    import torch
+    from cskd.distributed import DistEnv
+    from cskd.engine.config import config_from_dict
+    from cskd.engine.runner import StepRunner
+    from cskd.models.maxpool import TritonMaxPool
+    out = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        cfg = config_from_dict({"model": {"model": "deeplabv3", "backbone": "resnet18"},
+                                "data": {"crop_size": [64, 96]},
+                                "train": {"device": "cpu", "fused_maxpool": fused, "compile": False, "amp": "none",
+                                          "batch_size": 2}}, "test")
+        runner = StepRunner(cfg, 5, DistEnv(0, 1, 0, torch.device("cpu")), 2)
+        pools = sum(isinstance(m, TritonMaxPool) for m in runner.student.modules())
+        _, t = runner.step(*runner.prepare(runner.random_batch((64, 96))))
+        g = runner.student.backbone.conv1.weight.grad
+        out.append({"pools": pools, "ce": float(t["ce"]), "grad": g.double().flatten().tolist()})
+    print(json.dumps(out))
+""")
+
+
+def test_the_engine_step_with_the_triton_pool_under_the_interpreter() -> None:
+    """train.fused_maxpool=true in the runner (CPU, Triton's interpreter): the stem's pool swapped, the same loss
+    and stem gradient as nn.MaxPool2d."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _ENGINE_CHILD], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fused, plain = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (fused["pools"], plain["pools"]) == (1, 0)
+    assert abs(fused["ce"] - plain["ce"]) <= 1e-6 * abs(plain["ce"])
+    g_fused, g_plain = torch.tensor(fused["grad"]), torch.tensor(plain["grad"])
+    assert g_plain.abs().max() > 0
+    torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-7)
 
 
 def test_only_plain_3x3_stride_2_pools_are_swapped() -> None:

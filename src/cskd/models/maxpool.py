@@ -29,8 +29,9 @@ except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None  # type: ignore[assignment]
 
 K, S, P = 3, 2, 1
-BLOCK_X = 32
-"""Output (forward) or input (backward) columns per program; each program holds all channels of one row's block."""
+BLOCK_X = 16
+"""Output (forward) or input (backward) columns per program, each with all channels (128 in the stem: 2048
+elements a tile); ``benchmarks/kernel_levers.py --levers pool`` times 16 and 32."""
 
 
 def available(device: torch.device) -> bool:
