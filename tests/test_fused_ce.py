@@ -5,9 +5,6 @@ runs under Triton's interpreter, in a subprocess (the interpreter is chosen when
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,6 +13,7 @@ import torch.nn.functional as F
 
 from cskd.engine import fused_ce
 from cskd.engine.step import _interpolation_matrix, segmentation_ce
+from triton_interpreter import engine_step_both_ways, run_interpreted
 
 pytestmark = pytest.mark.skipif(fused_ce.triton is None, reason="needs Triton")
 
@@ -69,16 +67,8 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def _interpret(cases: list) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_fused_ce_matches_the_float64_reference_under_the_interpreter() -> None:
-    got = _interpret(CASES)
+    got = run_interpreted(_CHILD, json.dumps(CASES))
     for case, r in zip(CASES, got["cases"]):
         assert abs(r["loss"] - r["ref"]) <= 2e-6 * max(1.0, abs(r["ref"])), (case, r)
         # float32 arithmetic against float64: far under 1e-4 of the largest gradient entry; a bf16 gradient is
@@ -90,41 +80,15 @@ def test_fused_ce_matches_the_float64_reference_under_the_interpreter() -> None:
     assert got["bad_label"] == "nan"
 
 
-_ENGINE_CHILD = textwrap.dedent("""
-    import json
-    import torch
-    from cskd.distributed import DistEnv
-    from cskd.engine import fused_ce
-    from cskd.engine.config import config_from_dict
-    from cskd.engine.runner import StepRunner
-    out = []
-    for fused in (True, False):
-        torch.manual_seed(0)
-        cfg = config_from_dict({"model": {"model": "deeplabv3", "backbone": "resnet18"},
-                                "data": {"crop_size": [64, 96]},
-                                "train": {"device": "cpu", "fused_ce": fused, "compile": False, "amp": "none",
-                                          "batch_size": 2}}, "test")
-        runner = StepRunner(cfg, 5, DistEnv(0, 1, 0, torch.device("cpu")), 2)
-        used = runner.step_module._upsampled_ce is fused_ce.fused_upsampled_ce
-        _, t = runner.step(*runner.prepare(runner.random_batch((64, 96))))
-        out.append({"used": used, "ce": float(t["ce"]), "aux": float(t["aux"]),
-                    "grad": [p.grad.double().norm().item() for p in runner.student.parameters() if p.grad is not None]})
-    print(json.dumps(out))
-""")
-
-
 def test_the_engine_step_with_the_fused_ce_under_the_interpreter() -> None:
     """train.fused_ce=true in the runner (CPU, Triton's interpreter): the kernel used, the same main and aux terms
     and the same gradients as the tensor version."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _ENGINE_CHILD], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    fused, plain = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (fused["used"], plain["used"]) == (True, False)
+    fused, plain = engine_step_both_ways("fused_ce")
+    assert (fused["fused_ce"], plain["fused_ce"]) == (True, False)
     for k in ("ce", "aux"):
         assert abs(fused[k] - plain[k]) <= 2e-6 * abs(plain[k]), k
-    assert len(fused["grad"]) == len(plain["grad"]) > 0
-    torch.testing.assert_close(torch.tensor(fused["grad"]), torch.tensor(plain["grad"]), rtol=1e-4, atol=0)
+    assert len(fused["grad_norms"]) == len(plain["grad_norms"]) > 0
+    torch.testing.assert_close(torch.tensor(fused["grad_norms"]), torch.tensor(plain["grad_norms"]), rtol=1e-4, atol=0)
 
 
 def test_lanes_cover_every_run_with_power_of_two_tiles() -> None:

@@ -128,6 +128,19 @@ class BudgetConfig:
             raise ValueError("budget.calibration_steps must be ≥ 1 and budget.warmup_steps ≥ 0")
 
 
+def _triton_switch(key: str, value: bool | None, device: torch.device) -> bool:
+    """A ``train`` switch for one of cskd's Triton kernels, settled for ``device``: null is on where the kernels
+    run (CUDA with Triton), true where they cannot run is a config error."""
+    from .._triton import available
+
+    if value is None:
+        return device.type == "cuda" and available(device)
+    if value and not available(device):
+        raise ConfigError(f"train.{key}=true needs CUDA with Triton (train.device is {device}); set it to null (on "
+                          "CUDA only) or false")
+    return value
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -269,20 +282,12 @@ class TrainConfig:
 
     def fuses_ce(self, device: torch.device) -> bool:
         """Whether the cross-entropy runs as the fused kernel (``fused_ce`` settled for ``device``)."""
-        from .fused_ce import available
-
-        if self.fused_ce is None:
-            return device.type == "cuda" and available(device)
-        return self.fused_ce
+        return _triton_switch("fused_ce", self.fused_ce, device)
 
     def fuses_maxpool(self, device: torch.device) -> bool:
         """Whether the student's stem max-pools run as the Triton kernels (``fused_maxpool`` settled for
         ``device``). The runner swaps on this answer and the compile cache keys on it."""
-        from ..models.maxpool import available
-
-        if self.fused_maxpool is None:
-            return device.type == "cuda" and available(device)
-        return self.fused_maxpool
+        return _triton_switch("fused_maxpool", self.fused_maxpool, device)
 
     def resolved_dilated_convs(self, device: torch.device) -> str:
         """``dilated_convs`` with "auto" settled for ``device``: row_taps on CUDA, native elsewhere. The runner

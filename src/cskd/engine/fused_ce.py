@@ -28,27 +28,14 @@ which the tests use; the engine then keeps the tensor version.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._triton import available, tl, triton
 from ..constants import IGNORE_INDEX
 from .step import interpolation_taps
-
-try:  # Triton comes with PyTorch's CUDA builds; without it the engine keeps the tensor version
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where Triton is missing
-    triton = None  # type: ignore[assignment]
-
-
-def available(device: torch.device) -> bool:
-    """Whether the fused kernel can run on ``device``: CUDA with Triton, or any device under Triton's interpreter."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=64)

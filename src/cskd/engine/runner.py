@@ -27,7 +27,7 @@ from ..checkpoints.weights import load_teacher_weights, load_weights
 from ..distributed import DistEnv, all_gather_objects
 from ..models import build_segmentor
 from ..models.atrous import row_taps_dilated_, space_to_batch_dilated_
-from ..models.maxpool import available as maxpool_available, triton_max_pools_
+from ..models.maxpool import triton_max_pools_
 from ..models.epilogue import fuse_conv_epilogues_
 from ..models.fp8 import cpu_scaled_mm_available, quantize_1x1_fp8_
 from ..models.fusion import fold_batchnorm_
@@ -36,7 +36,6 @@ from .auxiliary import AuxiliaryOptimizers
 from .compile_cache import CompileCache, default_root
 from .config import ExperimentConfig
 from .cuda_graph import GraphedForward
-from .fused_ce import available as fused_ce_available
 from .optim import build_optimizer
 from .step import StepModule
 
@@ -145,9 +144,6 @@ class StepRunner:
         if model_cfg.weights:
             load_weights(student, model_cfg.weights)
         if train_cfg.fuses_maxpool(self.device):
-            if not maxpool_available(self.device):  # an explicit true where the kernels cannot run
-                raise ConfigError(f"train.fused_maxpool=true needs CUDA with Triton (train.device is {self.device}); "
-                                  "set it to null (on CUDA only) or false")
             triton_max_pools_(student)
         dilated = train_cfg.resolved_dilated_convs(self.device)
         dilated_chosen = train_cfg.dilated_convs != "auto"
@@ -231,9 +227,6 @@ class StepRunner:
                 step.compile_ce(mode=mode)
             self.cudagraphs = "reduce-overhead" in (mode, loss_mode) and self.device.type == "cuda"
         if fused:
-            if not fused_ce_available(self.device):  # an explicit true where the kernel cannot run
-                raise ConfigError(f"train.fused_ce=true needs CUDA with Triton (train.device is {self.device}); set "
-                                  "it to null (on CUDA only) or false")
             step.use_fused_ce()
         self.step_module = step
         self.student: Segmentor = step.model

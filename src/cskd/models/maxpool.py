@@ -16,29 +16,16 @@ as they are. Off CUDA they run only under Triton's interpreter (``TRITON_INTERPR
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:  # Triton comes with PyTorch's CUDA builds; without it the module keeps nn.MaxPool2d
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where Triton is missing
-    triton = None  # type: ignore[assignment]
+from .._triton import available, tl, triton
 
 K, S, P = 3, 2, 1
 BLOCK_X = 16
 """Output (forward) or input (backward) columns per program, each with all channels (128 in the stem: 2048
 elements a tile); ``benchmarks/kernel_levers.py --levers pool`` times 16 and 32."""
-
-
-def available(device: torch.device) -> bool:
-    """Whether the kernels can run on ``device``: CUDA with Triton, or any device under Triton's interpreter."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _out_size(n: int) -> int:
