@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from cskd.engine import fused_ce
 from cskd.engine.step import _interpolation_matrix, segmentation_ce
-from triton_interpreter import engine_step_both_ways, run_interpreted
+from triton_kernels import engine_step_both_ways, run_interpreted, step_both_ways
 
 pytestmark = pytest.mark.skipif(fused_ce.triton is None, reason="needs Triton")
 
@@ -152,22 +152,7 @@ def test_fused_ce_on_cuda_matches_the_tensor_version_and_is_deterministic(dtype:
 @cuda
 def test_a_cuda_step_with_the_fused_ce_gives_the_tensor_versions_terms() -> None:
     """The engine's step with train.fused_ce on and off (eager, float32): the same cross-entropy terms."""
-    from cskd.distributed import DistEnv
-    from cskd.engine.config import config_from_dict
-    from cskd.engine.runner import StepRunner
-
-    dev = torch.device("cuda")
-    terms = []
-    for fused in (True, False):
-        torch.manual_seed(0)
-        cfg = config_from_dict({"model": {"model": "deeplabv3", "backbone": "resnet18"},
-                                "data": {"crop_size": [128, 256]},
-                                "train": {"device": "cuda", "fused_ce": fused, "compile": False, "amp": "none",
-                                          "batch_size": 2}}, "test")
-        runner = StepRunner(cfg, 7, DistEnv(0, 1, 0, dev), 2)
-        assert (runner.step_module._upsampled_ce is fused_ce.fused_upsampled_ce) == fused
-        batch = runner.random_batch((128, 256))
-        _, t = runner.step(*runner.prepare(batch))
-        terms.append(t)
+    fused, plain = step_both_ways("fused_ce", "cuda", (128, 256))
+    assert (fused["fused_ce"], plain["fused_ce"]) == (True, False)
     for k in ("ce", "aux"):
-        torch.testing.assert_close(terms[0][k], terms[1][k], rtol=1e-5, atol=0)
+        torch.testing.assert_close(fused[k], plain[k], rtol=1e-5, atol=0)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cskd.models import maxpool
-from triton_interpreter import engine_step_both_ways, run_interpreted
+from triton_kernels import engine_step_both_ways, run_interpreted, step_both_ways
 
 pytestmark = pytest.mark.skipif(maxpool.triton is None, reason="needs Triton")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -174,26 +174,10 @@ def test_triton_max_pool_compiles_into_a_graph() -> None:
 @cuda
 def test_a_cuda_step_with_the_triton_pool_gives_the_same_terms_and_gradients() -> None:
     """The engine's step with train.fused_maxpool on and off (eager, float32): the same terms and gradients."""
-    from cskd.distributed import DistEnv
-    from cskd.engine.config import config_from_dict
-    from cskd.engine.runner import StepRunner
-
-    dev = torch.device("cuda")
-    results = []
-    for fused in (True, False):
-        torch.manual_seed(0)
-        cfg = config_from_dict({"model": {"model": "deeplabv3", "backbone": "resnet18"},
-                                "data": {"crop_size": [128, 256]},
-                                "train": {"device": "cuda", "fused_maxpool": fused, "compile": False, "amp": "none",
-                                          "batch_size": 2, "lr": 1e-9}}, "test")
-        runner = StepRunner(cfg, 7, DistEnv(0, 1, 0, dev), 2)
-        pools = [m for m in runner.student.modules() if isinstance(m, maxpool.TritonMaxPool)]
-        assert len(pools) == (1 if fused else 0)
-        batch = runner.random_batch((128, 256))
-        _, t = runner.step(*runner.prepare(batch))
-        grad = runner.student.backbone.conv1.weight.grad
-        results.append((t, None if grad is None else grad.clone()))
+    fused, plain = step_both_ways("fused_maxpool", "cuda", (128, 256))
+    assert (fused["triton_pools"], plain["triton_pools"]) == (1, 0)
     for k in ("ce", "aux"):
-        torch.testing.assert_close(results[0][0][k], results[1][0][k], rtol=1e-6, atol=0)
-    assert results[0][1] is not None  # the stem's first conv, below the pool: its gradient went through it
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fused[k], plain[k], rtol=1e-6, atol=0)
+    assert fused["stem_grad"] is not None  # the stem's first conv, below the pool: its gradient went through it
+    torch.testing.assert_close(torch.tensor(fused["stem_grad"]), torch.tensor(plain["stem_grad"]), rtol=1e-4,
+                               atol=1e-6)

@@ -35,30 +35,38 @@ def _out_size(n: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _row_block(rows, cols, C, BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's image b, its row r (of ``rows`` per image), its block of BLOCK_X columns, all channels,
+        and the mask of those inside (cols, C)."""
+        pid = tl.program_id(0)  # b · rows + r
+        xs = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
+        cs = tl.arange(0, BLOCK_C)
+        return (pid // rows).to(tl.int64), pid % rows, xs, cs, (xs[:, None] < cols) & (cs[None, :] < C)
+
+    @triton.jit
+    def _offsets(b, r, xs, cs, sb, sc, sh, sw):
+        """Element offsets of row r, columns xs and channels cs of image b (int64: a large batch of full-resolution maps passes 2³¹ elements)."""
+        return b * sb + r.to(tl.int64) * sh + xs[:, None].to(tl.int64) * sw + cs[None, :].to(tl.int64) * sc
+
+    @triton.jit
     def _pool_forward_kernel(x, out, code, C, H, W, OH, OW,
                              sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                              BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr):
         """One output row (b, oy) of BLOCK_X columns × all channels: the max of each window and its tap, 0…8."""
-        bo = tl.program_id(0)  # b · OH + oy
-        b = (bo // OH).to(tl.int64)
-        oy = bo % OH
-        ox = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
-        cs = tl.arange(0, BLOCK_C)
-        omask = (ox[:, None] < OW) & (cs[None, :] < C)
+        b, oy, ox, cs, omask = _row_block(OH, OW, C, BLOCK_X, BLOCK_C)
         best = tl.full((BLOCK_X, BLOCK_C), float("-inf"), tl.float32)
         tap = tl.zeros((BLOCK_X, BLOCK_C), tl.int32)
-        base = x + b * sxb + cs[None, :].to(tl.int64) * sxc
         for dy in tl.static_range(3):
             iy = oy * 2 - 1 + dy
             for dx in tl.static_range(3):
                 ix = ox * 2 - 1 + dx
                 ok = omask & (iy >= 0) & (iy < H) & (ix[:, None] >= 0) & (ix[:, None] < W)
-                v = tl.load(base + iy.to(tl.int64) * sxh + ix[:, None].to(tl.int64) * sxw, mask=ok,
+                v = tl.load(x + _offsets(b, iy, ix, cs, sxb, sxc, sxh, sxw), mask=ok,
                             other=float("-inf")).to(tl.float32)
                 take = ok & ((v > best) | (v != v))  # ATen: a NaN always takes the window, the first max a tie
                 best = tl.where(take, v, best)
                 tap = tl.where(take, dy * 3 + dx, tap)
-        where = b * sob + oy.to(tl.int64) * soh + ox[:, None].to(tl.int64) * sow + cs[None, :].to(tl.int64) * soc
+        where = _offsets(b, oy, ox, cs, sob, soc, soh, sow)
         tl.store(out + where, best.to(out.dtype.element_ty), mask=omask)
         tl.store(code + where, tap.to(tl.int8), mask=omask)
 
@@ -68,14 +76,8 @@ if triton is not None:
                               BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr):
         """One input row (b, iy) of BLOCK_X columns × all channels: the summed gradients of the windows whose
         winning tap the pixel is. ``code`` has ``grad_out``'s strides."""
-        bi = tl.program_id(0)  # b · H + iy
-        b = (bi // H).to(tl.int64)
-        iy = bi % H
-        ix = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
-        cs = tl.arange(0, BLOCK_C)
-        imask = (ix[:, None] < W) & (cs[None, :] < C)
+        b, iy, ix, cs, imask = _row_block(H, W, C, BLOCK_X, BLOCK_C)
         acc = tl.zeros((BLOCK_X, BLOCK_C), tl.float32)
-        base = b * sgb + cs[None, :].to(tl.int64) * sgc
         # the windows holding the pixel at tap (dy, dx): oy = (iy + 1 − dy) / 2; dy and dx descending gives the
         # windows in ATen's order (rows, then columns, ascending)
         for ry in tl.static_range(3):
@@ -88,11 +90,11 @@ if triton is not None:
                 nx = ix + 1 - dx
                 ox = nx // 2
                 ok = imask & row_ok & ((nx >= 0) & (nx % 2 == 0) & (ox < OW))[:, None]
-                where = base + oy.to(tl.int64) * sgh + ox[:, None].to(tl.int64) * sgw
+                where = _offsets(b, oy, ox, cs, sgb, sgc, sgh, sgw)
                 won = tl.load(code + where, mask=ok, other=-1).to(tl.int32) == dy * 3 + dx
                 g = tl.load(grad_out + where, mask=ok & won, other=0.0).to(tl.float32)
                 acc += g
-        where = b * sib + iy.to(tl.int64) * sih + ix[:, None].to(tl.int64) * siw + cs[None, :].to(tl.int64) * sic
+        where = _offsets(b, iy, ix, cs, sib, sic, sih, siw)
         tl.store(grad_in + where, acc.to(grad_in.dtype.element_ty), mask=imask)
 
 
