@@ -8,7 +8,10 @@
 - ``aspp``: DeepLabV3's three dilated ASPP convolutions (d = 12, 24, 36), compiled: the teacher's (2048 → 256,
   bias + ReLU, forward, its epilogue in cuDNN's call as the fused teacher runs it) and the student's (512 → 256,
   forward + backward under autocast), the library's dilated kernel against ``train.dilated_convs: row_taps``
-  (:mod:`cskd.models.atrous`).
+  (:mod:`cskd.models.atrous`);
+- ``pool``: the student stem's max-pool, compiled against the Triton kernels (``train.fused_maxpool``);
+- ``metric``: validation's confusion-matrix update, one set of bins against ``ConfusionMatrix.lanes`` copies
+  (run it at the validation's shape: ``--levers metric --batch 1 --size 1024 2048``).
 
 A lever that fails (a compiler error, say) is reported as such and the others still run and print.
 
@@ -31,9 +34,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cskd.constants import IGNORE_INDEX
 from cskd.engine import fused_ce
 from cskd.engine.fused_ce import available as fused_ce_available, fused_upsampled_ce
 from cskd.engine.step import _upsampled_ce, segmentation_ce
+from cskd.evaluation.metrics import ConfusionMatrix
 from cskd.models.atrous import row_taps_dilated_
 from cskd.models.epilogue import ConvReLU, fuse_conv_epilogues_
 from cskd.models.fusion import fold_batchnorm_
@@ -197,7 +202,37 @@ def _pool_with(x: Tensor, block: int) -> Tensor:
         maxpool.BLOCK_X = default
 
 
-LEVERS = {"ce": ce_rows, "teacher": teacher_rows, "aspp": aspp_rows, "pool": pool_rows}
+def metric_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """One confusion-matrix update of validation (B × H × W class ids against labels, 10 % ignored): the scatter
+    into one set of bins against ``ConfusionMatrix.lanes`` copies, for predictions from one class (a random-weight
+    model), skewed (class c drawn with weight 0.7^c) and uniform. The matrices must be equal."""
+    b, (h, w), k = args.batch, args.size, args.classes
+    weights = {"one class": torch.eye(k)[3], "skewed": 0.7 ** torch.arange(k, dtype=torch.float),
+               "uniform": torch.ones(k)}
+    gen = torch.Generator().manual_seed(0)
+    target = torch.multinomial(weights["skewed"], b * h * w, replacement=True, generator=gen).view(b, h, w)
+    target[torch.rand(b, h, w, generator=gen) < 0.1] = IGNORE_INDEX
+    target = target.to(device=device, dtype=torch.uint8)
+    rows = []
+    for dist, weight in weights.items():
+        pred = torch.multinomial(weight, b * h * w, replacement=True, generator=gen).view(b, h, w).to(device)
+        first = None
+        for lanes in (1, ConfusionMatrix.lanes):
+            cm = ConfusionMatrix(k, device=device, check_each_update=False)
+            cm.lanes = lanes
+            cm.update(pred, target)
+            mat = cm.mat.clone()
+            rows.append({"lever": "metric", "variant": f"{dist}, {lanes} set{'s' if lanes > 1 else ''} of bins",
+                         "ms": _median_ms(lambda c=cm: c.update(pred, target), args, device.type == "cuda")})
+            if first is None:
+                first = mat
+            else:
+                rows[-1].update({"max_abs_diff": (mat - first).abs().max().item(),
+                                 "max_abs_logit": first.max().item()})
+    return rows
+
+
+LEVERS = {"ce": ce_rows, "teacher": teacher_rows, "aspp": aspp_rows, "pool": pool_rows, "metric": metric_rows}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@
 #             (benchmarks/kernel_levers.py)
 #   kernels_ce the cross-entropy alone: eager, compiled, and fused (train.fused_ce) with 4 and 8 warps
 #   kernels_pool the student stem's max-pool, forward + backward: compiled, and the Triton kernels (train.fused_maxpool)
+#   kernels_metric validation's confusion-matrix update at 1×1024×2048: one set of bins against ConfusionMatrix.lanes
 #   tests_kernels the Triton kernels' tests (tests/test_fused_ce.py, tests/test_maxpool.py, CUDA-only ones included)
 #   step      compiled teacher-only, CWD and CSKD steps, B = 8, 512×1024, 120 timed iterations (the defaults: on
 #             CUDA, ASPP's dilated convs as matrix products per tap row, train.dilated_convs auto → row_taps)
@@ -34,6 +35,8 @@
 #   loop_nocache the loop without data.cache: every sample decoded from its PNG (a dataset's first epoch)
 #   scaling   compiled CWD and CSKD steps for B ∈ {8, 16} × crops 512×1024, 768×1536, 1024×2048
 #   val       validation at 1024×2048 as the Trainer runs it (DeepLabV3-R18, 64 images, 14 workers, 3 rounds)
+#   val_native the same with train.dilated_convs=native (eval runs eagerly: the ASPP's row taps unfused, or cuDNN's)
+#   val_b2    the same with eval.batch_size=2 (two images per forward: half the launches per image)
 #   val_profile the same, with a fourth round under torch.profiler (top kernels; wall against kernel ms per image)
 #   tests     the test suite on this machine, 8 pytest workers (CUDA-only tests included where there is a GPU);
 #             cskd from this tree (PYTHONPATH), as every stage runs it; needs pytest-xdist and pytest-timeout;
@@ -76,6 +79,8 @@ for stage in "$@"; do
     kernels) run kernels "$py" "$here/kernel_levers.py" --out "$out/kernel_levers_h200.json" ;;
     kernels_ce) run kernels_ce "$py" "$here/kernel_levers.py" --levers ce --out "$out/kernel_levers_ce_h200.json" ;;
     kernels_pool) run kernels_pool "$py" "$here/kernel_levers.py" --levers pool --out "$out/kernel_levers_pool_h200.json" ;;
+    kernels_metric) run kernels_metric "$py" "$here/kernel_levers.py" --levers metric --batch 1 --size 1024 2048 \
+                      --out "$out/kernel_levers_metric_h200.json" ;;
     tests_kernels) run tests_kernels "$py" -m pytest -q -p no:cacheprovider -rfs "$here/../tests/test_fused_ce.py" \
                      "$here/../tests/test_maxpool.py" ;;
     step) run step "${step[@]}" --out "$out/train_step_h200.json" ;;
@@ -119,9 +124,13 @@ for stage in "$@"; do
       done ;;
     val) run val "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 --set data.workers=14 \
            --out "$out/validation_h200.json" ;;
+    val_native) run val_native "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 \
+                  --set data.workers=14 --set train.dilated_convs=native --out "$out/validation_h200_native.json" ;;
+    val_b2) run val_b2 "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 \
+              --set data.workers=14 --set eval.batch_size=2 --out "$out/validation_h200_b2.json" ;;
     val_profile) run val_profile "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 \
                    --set data.workers=14 --rounds 4 --profile --out "$out/validation_h200_profile.json" ;;
     tests) run tests "$py" -m pytest -q -n 8 -p no:cacheprovider --timeout=600 -rfs "$here/../tests" ;;
-    *) echo "unknown stage '$stage' (levers kernels kernels_ce kernels_pool tests_kernels step step_fused_ce step_fused_pool step_s2b step_fp8 step_cg step_unfused step_native step_stream profile loop loop_warm loop_cg loop_nocache startup startup_profile step_nograph step_head scaling val val_profile tests)"; exit 2 ;;
+    *) echo "unknown stage '$stage' (levers kernels kernels_ce kernels_pool kernels_metric tests_kernels step step_fused_ce step_fused_pool step_s2b step_fp8 step_cg step_unfused step_native step_stream profile loop loop_warm loop_cg loop_nocache startup startup_profile step_nograph step_head scaling val val_native val_b2 val_profile tests)"; exit 2 ;;
   esac
 done

@@ -22,12 +22,15 @@ def test_kernel_levers_benchmark_on_cpu(tmp_path, capsys):
         ("ce", "eager"), ("ce", "compiled"),
         ("teacher", "unfused"), ("teacher", "fused"),
         *[(f"aspp {who}", f"d={d}") for who in ("teacher", "student") for d in (12, 12, 24, 24, 36, 36)],
-        ("pool", "compiled")]
+        ("pool", "compiled"),
+        *[("metric", dist) for dist in ("one", "one", "skewed,", "skewed,", "uniform,", "uniform,")]]
     assert all(r["ms"] > 0 for r in rows)
     teacher = rows[3]
     assert teacher["max_abs_diff"] <= 1e-4 * teacher["max_abs_logit"]  # float32 on the CPU: the same function
-    for r in rows[5::2]:  # each rewrite against the library's op: the same function in float32
+    for r in rows[5:16:2]:  # each rewrite against the library's op: the same function in float32
         assert r["variant"].endswith("row_taps") and r["max_abs_diff"] <= 1e-5 * r["max_abs_logit"]
+    for r in rows[-5::2]:  # many sets of bins against one: the same matrix
+        assert r["variant"].endswith("1024 sets of bins") and r["max_abs_diff"] == 0 and r["max_abs_logit"] > 0
     assert json.loads(out.read_text())["failed"] == []
     assert "| teacher | fused (58 convs) |" in capsys.readouterr().out  # 16 blocks × 3 + stem 3 + head 7, no aux
 

@@ -12,6 +12,7 @@ import torch
 
 from cskd.errors import DataError
 from cskd.evaluation import ConfusionMatrix, SegMetrics
+from cskd.evaluation.metrics import spread_counts
 
 IGNORE = 255
 
@@ -211,3 +212,30 @@ def test_sync_free_updates_match_and_check_at_compute() -> None:
         deferred.compute()
     deferred.reset()
     assert deferred.compute().num_pixels == 0
+
+
+@pytest.mark.parametrize("lanes", [1, 7, 1024, 10_000])
+def test_spread_counts_equal_numpys_bincount(lanes: int) -> None:
+    """The copies of the bins (neighbouring pixels in different copies) sum to the plain counts, for a skewed index
+    whose length is no multiple of the lanes, and for more lanes than elements."""
+    rng = np.random.default_rng(lanes)
+    index = np.where(rng.random(5003) < 0.9, 17, rng.integers(0, 40, 5003))  # 90 % in one bin, as a flat prediction
+    counts = spread_counts(torch.from_numpy(index).to(torch.int32), 40, lanes)
+    assert counts.dtype == torch.int64 and counts.tolist() == np.bincount(index, minlength=40).tolist()
+    assert spread_counts(torch.zeros(0, dtype=torch.int32), 5, lanes).tolist() == [0] * 5
+
+
+def test_the_sync_free_path_counts_the_same_with_one_set_of_bins_or_many() -> None:
+    pred = torch.full((2, 37, 53), 3)
+    pred[:, ::5] = 1  # most pixels predicted as one class
+    target = torch.randint(0, 6, (2, 37, 53))
+    target[0, :4] = IGNORE
+    matrices = []
+    for lanes in (1, 1024):
+        cm = ConfusionMatrix(6, check_each_update=False)
+        cm.lanes = lanes
+        cm.update(pred, target)
+        matrices.append(cm.mat)
+    reference = ConfusionMatrix(6)  # the CPU's bincount path
+    reference.update(pred, target)
+    assert torch.equal(matrices[0], reference.mat) and torch.equal(matrices[1], reference.mat)

@@ -54,9 +54,12 @@ class ConfusionMatrix:
 
     On the CPU each update checks at once and names the bad values. Elsewhere an update costs no host
     synchronisation (``torch.bincount`` on CUDA reads the maximum index back, so the counts are scattered into fixed
-    bins instead) and invalid pixels are counted on the device: :meth:`compute` raises for them, with their numbers
+    bins instead, :func:`spread_counts`) and invalid pixels are counted on the device: :meth:`compute` raises for them, with their numbers
     and the smallest and largest bad value. ``check_each_update`` forces either behaviour.
     """
+
+    lanes: int = 1024
+    """Copies of the bins the sync-free path scatters into (see :func:`spread_counts`); 1: one set of bins."""
 
     def __init__(
         self, num_classes: int, device: torch.device | str | None = None, ignore_index: int = IGNORE_INDEX,
@@ -109,9 +112,8 @@ class ConfusionMatrix:
             counts = torch.bincount(index, minlength=k * k + 3)
             if counts[k * k + 1:].any().item():
                 self._raise_invalid(p, t, good | ignored)
-        else:  # one scatter into fixed bins: no device→host sync (unlike bincount on CUDA)
-            ones = torch.ones((), dtype=torch.int64, device=index.device).expand(index.numel())
-            counts = torch.zeros(k * k + 3, dtype=torch.int64, device=index.device).scatter_add_(0, index.long(), ones)
+        else:  # a scatter into fixed bins: no device→host sync (unlike bincount on CUDA)
+            counts = spread_counts(index, k * k + 3, self.lanes)
             self._invalid += counts[k * k + 1:]
             self._track_extremes(t, p, ~t_ok & ~ignored, t_ok & ~good)
         self.mat += counts[: k * k].view(k, k)
@@ -165,6 +167,21 @@ class ConfusionMatrix:
 
 
 _NO_LOW, _NO_HIGH = torch.iinfo(torch.int32).max, torch.iinfo(torch.int32).min
+
+
+def spread_counts(index: Tensor, bins: int, lanes: int) -> Tensor:
+    """int64 counts of each value ``0..bins-1`` of the flat integer ``index``, without a host synchronisation.
+
+    Element *i* is scattered into copy *i* mod ``lanes`` of the bins, and the copies are summed afterwards. A
+    label map sends most pixels to a few bins (road, sky; a random-weight model predicts one class everywhere): with
+    one set of bins, an accelerator's atomic adds on those few addresses serialise, while with the copies
+    neighbouring pixels (one warp) never share an address. Integer sums: exact and independent of the order."""
+    n = index.numel()
+    lanes = max(1, min(lanes, n))
+    spread = torch.arange(n, device=index.device).remainder_(lanes).mul_(bins).add_(index.reshape(-1))
+    ones = torch.ones((), dtype=torch.int64, device=index.device).expand(n)
+    counts = torch.zeros(lanes * bins, dtype=torch.int64, device=index.device).scatter_add_(0, spread, ones)
+    return counts.view(lanes, bins).sum(0)
 
 
 def _span(lowest: int, highest: int) -> str:
