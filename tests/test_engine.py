@@ -573,3 +573,38 @@ def test_torchrun_launch(synth_root: Path, tmp_path: Path) -> None:
     assert "done: 2 iterations" in res.stdout
     summary = read_records(tmp_path / "tr" / "log.jsonl", "summary")
     assert len(summary) == 1 and json.dumps(summary[0])
+
+
+def test_validation_on_a_frozen_copy_scores_the_same_and_leaves_the_student_training(
+        synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval.fold_batchnorm: each validation scores a new BN-folded copy (the weights change between validations);
+    the split's confusion matrix is the one of the student itself; the student keeps its BNs and its mode."""
+    import dataclasses
+
+    import cskd.engine.trainer as trainer_module
+    from cskd.models.epilogue import frozen_copy
+
+    copies: list[torch.nn.Module] = []
+
+    def spy(net: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+        copies.append(frozen_copy(net, dtype))
+        return copies[-1]
+
+    monkeypatch.setattr(trainer_module, "frozen_copy", spy)
+    trainer = Trainer(config_from_dict(tiny_config(synth_root, tmp_path / "fold")), progress=False)
+    plain = trainer.evaluate()
+    assert copies == []
+    trainer.cfg = dataclasses.replace(trainer.cfg, eval=dataclasses.replace(trainer.cfg.eval, fold_batchnorm=True))
+    folded, again = trainer.evaluate(), trainer.evaluate()
+    trainer.close()
+    assert len(copies) == 2 and copies[0] is not copies[1] and copies[0] is not trainer.student
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in copies[0].modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in trainer.student.modules()) and trainer.student.training
+    assert folded.confusion == plain.confusion == again.confusion and plain.num_pixels > 0
+
+
+def test_folded_and_compiled_validation_do_not_mix(synth_root: Path, tmp_path: Path) -> None:
+    raw = tiny_config(synth_root, tmp_path)
+    raw["eval"].update(fold_batchnorm=True, compile=True)
+    with pytest.raises(ConfigError, match="eval.fold_batchnorm .* eval.compile"):
+        config_from_dict(raw)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cskd.models import build_segmentor
-from cskd.models.epilogue import ConvReLU, FusedBasicBlock, FusedBottleneck, fuse_conv_epilogues_
+from cskd.models.epilogue import ConvReLU, FusedBasicBlock, FusedBottleneck, frozen_copy, fuse_conv_epilogues_
 from cskd.models.fusion import fold_batchnorm_
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -134,3 +134,33 @@ def test_fused_teacher_on_cuda_compiles_to_cudnn_fused_calls_and_rounds_no_worse
     # the same function, rounded at other places: the fused one (epilogue in float32) is no further from float32
     assert fused_err <= 1.25 * unfused_err, (fused_err, unfused_err)
     assert torch.nn.functional.cosine_similarity(outs[1].flatten(), ref.flatten(), dim=0).item() > 0.999
+
+
+def test_frozen_copy_computes_the_training_network_in_eval_mode_and_leaves_it_alone() -> None:
+    """The validation copy (eval.fold_batchnorm): the same function as the network in eval mode (float64), with its
+    BNs folded and epilogues fused; the network keeps its mode, BNs and gradients; a compiled network's copy runs
+    its own forward, not the original's (nn.Module.compile's bound forward is left out of the copy)."""
+    torch.manual_seed(0)
+    net = build_segmentor("deeplabv3", "resnet18", 5, aux=True).double()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    net.compile()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 3, 48, 64, dtype=torch.float64)
+    frozen = frozen_copy(net)
+    assert net.training and all(p.requires_grad for p in net.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    assert sum(isinstance(m, ConvReLU) for m in frozen.modules()) > 0
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        calls: list[str] = []
+        handle = frozen.register_forward_hook(lambda *_: calls.append("copy"))
+        out = frozen(x).logits
+        handle.remove()
+        assert calls == ["copy"]
+        expected = net.eval()(x).logits
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    assert frozen_copy(net, torch.bfloat16).backbone.conv1.weight.dtype == torch.bfloat16

@@ -311,6 +311,17 @@ class EvalConfig:
     """Validate with the compiled student (when train.compile is on). Off: eagerly, because the full-size images
     and eval mode would compile a second, dynamic-shape graph at the first validation (tens of seconds cold) for
     a pass that runs a few times per run."""
+    fold_batchnorm: bool = False
+    """Validate a frozen copy of the student, made at each validation as the teacher is made for training
+    (cskd/models/epilogue.py ``frozen_copy``): BatchNorms folded into their convs, on CUDA the conv epilogues (bias,
+    residual add, ReLU) inside cuDNN's call, weights in the autocast dtype. Eager validation then skips the BN and
+    ReLU passes over every activation. The same function up to rounding, so a near-tie pixel may flip its class.
+    Not with ``compile`` (which validates the compiled student itself)."""
+
+    def __post_init__(self) -> None:
+        if self.compile and self.fold_batchnorm:
+            raise ConfigError("eval.fold_batchnorm validates an eager frozen copy of the student, eval.compile the "
+                              "compiled student itself: set one of them to false")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from ..evaluation.metrics import SegMetrics
 from ..checkpoints.files import (atomic_save, capture_rng, first_nonfinite, named_tensors, restore_rng,
                                  resume_difference, run_environment, safe_load)
 from ..checkpoints.weights import load_weights
+from ..models.epilogue import frozen_copy
 from ..distributed import DistEnv, all_gather_objects, barrier, init_distributed
 from ..timing import WaitClock
 from .config import ExperimentConfig, save_config
@@ -468,8 +469,10 @@ class Trainer:
         start = time.perf_counter()
         self.runner.sync_buffers()
         timing: dict[str, float] = {}
+        # A frozen copy, made anew at each validation: the student's weights change between validations.
+        model = frozen_copy(self.student, self.amp_dtype) if eval_cfg.fold_batchnorm else self.student
         metrics = evaluate(
-            self.student, self._val_loader(), num_classes=self.num_classes, device=self.device,
+            model, self._val_loader(), num_classes=self.num_classes, device=self.device,
             mode=eval_cfg.mode, crop_size=eval_cfg.crop_size, stride=eval_cfg.stride, scales=eval_cfg.scales,
             flip=eval_cfg.flip,
             amp_dtype=self.amp_dtype, progress=False, timing=timing, channels_last=self.runner.channels_last,

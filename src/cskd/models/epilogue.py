@@ -16,6 +16,7 @@ rounding (the epilogue adds in float32 before rounding to bfloat16, where the un
 convolution's output first).
 """
 
+import copy
 from typing import Any, Optional
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torch._prims_common import suggest_memory_format
 
 from .backbones.resnet import BasicBlock, Bottleneck, ResNetV1s
+from .fusion import fold_batchnorm_
 
 
 def _fused_conv_fake(x: Tensor, weight: Tensor, *args: Any) -> Tensor:
@@ -167,4 +169,15 @@ def fuse_conv_epilogues_(module: nn.Module) -> int:
     return count
 
 
-__all__ = ["ConvReLU", "FusedBasicBlock", "FusedBottleneck", "conv2d_add_relu", "conv2d_relu", "fuse_conv_epilogues_"]
+def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of ``model`` for inference only, as the frozen teacher runs: eval mode, no gradients, its BatchNorms
+    folded into their convs, the conv epilogues in cuDNN's call (on CUDA; the plain ops elsewhere), parameters in
+    ``dtype`` (the autocast dtype: no conv re-casts its weight at each call). ``model`` itself is left as it is."""
+    net = copy.deepcopy(model).eval().requires_grad_(False)
+    fold_batchnorm_(net)
+    fuse_conv_epilogues_(net)
+    return net if dtype is None else net.to(dtype=dtype)
+
+
+__all__ = ["ConvReLU", "FusedBasicBlock", "FusedBottleneck", "conv2d_add_relu", "conv2d_relu", "frozen_copy",
+           "fuse_conv_epilogues_"]
