@@ -37,6 +37,8 @@
 #   val       validation at 1024×2048 as the Trainer runs it (DeepLabV3-R18, 64 images, 14 workers, 3 rounds)
 #   val_native the same with train.dilated_convs=native (eval runs eagerly: the ASPP's row taps unfused, or cuDNN's)
 #   val_b2    the same with eval.batch_size=2 (two images per forward: half the launches per image)
+#   val_fold  the same with eval.fold_batchnorm=true (a frozen copy: BNs folded, conv epilogues in cuDNN's call)
+#   val_compile the same with eval.compile=true (the compiled student; round 1 compiles the eval graph)
 #   val_profile the same, with a fourth round under torch.profiler (top kernels; wall against kernel ms per image)
 #   tests     the test suite on this machine, 8 pytest workers (CUDA-only tests included where there is a GPU);
 #             cskd from this tree (PYTHONPATH), as every stage runs it; needs pytest-xdist and pytest-timeout;
@@ -128,9 +130,13 @@ for stage in "$@"; do
                   --set data.workers=14 --set train.dilated_convs=native --out "$out/validation_h200_native.json" ;;
     val_b2) run val_b2 "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 \
               --set data.workers=14 --set eval.batch_size=2 --out "$out/validation_h200_b2.json" ;;
+    val_fold) run val_fold "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 \
+                --set data.workers=14 --set eval.fold_batchnorm=true --out "$out/validation_h200_fold.json" ;;
+    val_compile) run val_compile "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 \
+                   --set data.workers=14 --set eval.compile=true --out "$out/validation_h200_compile.json" ;;
     val_profile) run val_profile "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 \
                    --set data.workers=14 --rounds 4 --profile --out "$out/validation_h200_profile.json" ;;
     tests) run tests "$py" -m pytest -q -n 8 -p no:cacheprovider --timeout=600 -rfs "$here/../tests" ;;
-    *) echo "unknown stage '$stage' (levers kernels kernels_ce kernels_pool kernels_metric tests_kernels step step_fused_ce step_fused_pool step_s2b step_fp8 step_cg step_unfused step_native step_stream profile loop loop_warm loop_cg loop_nocache startup startup_profile step_nograph step_head scaling val val_native val_b2 val_profile tests)"; exit 2 ;;
+    *) echo "unknown stage '$stage' (levers kernels kernels_ce kernels_pool kernels_metric tests_kernels step step_fused_ce step_fused_pool step_s2b step_fp8 step_cg step_unfused step_native step_stream profile loop loop_warm loop_cg loop_nocache startup startup_profile step_nograph step_head scaling val val_native val_b2 val_fold val_compile val_profile tests)"; exit 2 ;;
   esac
 done
