@@ -223,6 +223,9 @@ def test_spread_counts_equal_numpys_bincount(lanes: int) -> None:
     counts = spread_counts(torch.from_numpy(index).to(torch.int32), 40, lanes)
     assert counts.dtype == torch.int64 and counts.tolist() == np.bincount(index, minlength=40).tolist()
     assert spread_counts(torch.zeros(0, dtype=torch.int32), 5, lanes).tolist() == [0] * 5
+    many = rng.integers(0, 150 * 150 + 3, 5003)  # ADE20K's bins: fewer copies, the same counts
+    assert spread_counts(torch.from_numpy(many), 150 * 150 + 3, lanes).tolist() == np.bincount(
+        many, minlength=150 * 150 + 3).tolist()
 
 
 def test_the_sync_free_path_counts_the_same_with_one_set_of_bins_or_many() -> None:
