@@ -54,8 +54,9 @@ class ConfusionMatrix:
 
     On the CPU each update checks at once and names the bad values. Elsewhere an update costs no host
     synchronisation (``torch.bincount`` on CUDA reads the maximum index back, so the counts are scattered into fixed
-    bins instead, :func:`spread_counts`) and invalid pixels are counted on the device: :meth:`compute` raises for them, with their numbers
-    and the smallest and largest bad value. ``check_each_update`` forces either behaviour.
+    bins instead, :func:`spread_counts`) and invalid pixels are counted on the device: :meth:`compute` raises for
+    them, with their numbers and the smallest and largest bad value. ``check_each_update`` forces either
+    behaviour.
     """
 
     lanes: int = 1024
