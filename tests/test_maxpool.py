@@ -59,6 +59,17 @@ _CHILD = textwrap.dedent("""
     ref.sum().backward()
     nan = {"y": str(y.flatten().tolist()), "ref": str(ref.flatten().tolist()),
            "grad": x.grad.flatten().tolist(), "ref_grad": r.grad.flatten().tolist()}
+    # windows of -inf only: ATen's index starts at the window's first pixel inside the map, which takes the gradient
+    x = torch.full((1, 2, 5, 6), float("-inf"))
+    x[0, 1, 2:, 3:] = torch.arange(9.0).view(3, 3)  # and some finite windows beside them
+    x.requires_grad_()
+    r = x.detach().double().requires_grad_()
+    gy = torch.arange(1.0, 1.0 + 2 * 3 * 3).view(1, 2, 3, 3)
+    y = TritonMaxPool()(x)
+    y.backward(gy)
+    F.max_pool2d(r, 3, 2, 1).backward(gy.double())
+    neg_inf = {"y": str(y.flatten().tolist()), "ref": str(F.max_pool2d(r.detach(), 3, 2, 1).flatten().tolist()),
+               "grad": x.grad.flatten().tolist(), "ref_grad": r.grad.flatten().tolist()}
     # a gradient in another layout than the saved taps (channels-last input, contiguous incoming gradient)
     x = torch.rand(1, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
     r = x.detach().double().requires_grad_()
@@ -82,7 +93,8 @@ _CHILD = textwrap.dedent("""
     e = ref(x)
     e.square().mean().backward()
     compiled = [(y - e).abs().max().item(), (g - net[0].weight.grad).abs().max().item(), g.abs().max().item()]
-    print(json.dumps({"cases": out, "nan": nan, "layout": layout, "opcheck": checks, "compiled": compiled}))
+    print(json.dumps({"cases": out, "nan": nan, "neg_inf": neg_inf, "layout": layout, "opcheck": checks,
+                      "compiled": compiled}))
 """)
 
 
@@ -97,6 +109,9 @@ def test_triton_max_pool_matches_aten_under_the_interpreter() -> None:
     nan = got["nan"]
     assert nan["y"] == nan["ref"] == "[nan, nan, nan, 5.0]"
     assert nan["grad"] == nan["ref_grad"]
+    neg_inf = got["neg_inf"]
+    assert neg_inf["y"] == neg_inf["ref"] and "-inf" in neg_inf["y"]
+    assert neg_inf["grad"] == neg_inf["ref_grad"] and sum(neg_inf["ref_grad"]) == sum(range(1, 19))
     assert got["layout"] < 1e-6
     assert got["opcheck"] and set(got["opcheck"].values()) == {"SUCCESS"}, got["opcheck"]
     out_diff, grad_diff, grad_max = got["compiled"]

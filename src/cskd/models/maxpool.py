@@ -8,7 +8,8 @@ each input pixel the gradients of the windows (at most four) whose winning tap i
 so it is deterministic.
 
 Exactly ``nn.MaxPool2d(3, 2, 1)``: the first maximum in scan order wins a tie (ReLU outputs tie at 0 often), a NaN
-wins as in ATen (and the last NaN of a window, as there), padding never wins, and the backward sums a pixel's
+wins as in ATen (and the last NaN of a window, as there), padding never wins (a window of -inf only is won by its
+first pixel inside the map), and the backward sums a pixel's
 gradients in float32 in the order ATen's CUDA kernel does (output rows, then columns, ascending). Any memory
 format (the engine's is channels-last). The ops are ``torch.library`` custom ops, so a compiled graph calls them
 as they are. Off CUDA they run only under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
@@ -55,7 +56,9 @@ if triton is not None:
         """One output row (b, oy) of BLOCK_X columns × all channels: the max of each window and its tap, 0…8."""
         b, oy, ox, cs, omask = _row_block(OH, OW, C, BLOCK_X, BLOCK_C)
         best = tl.full((BLOCK_X, BLOCK_C), float("-inf"), tl.float32)
-        tap = tl.zeros((BLOCK_X, BLOCK_C), tl.int32)
+        # ATen's start: the window's first pixel inside the map (it keeps the gradient of a window of -inf only)
+        first = (oy == 0).to(tl.int32) * 3 + (ox == 0).to(tl.int32)
+        tap = tl.zeros((BLOCK_X, BLOCK_C), tl.int32) + first[:, None]
         for dy in tl.static_range(3):
             iy = oy * 2 - 1 + dy
             for dx in tl.static_range(3):
