@@ -59,6 +59,7 @@ cache=${CACHE:-/tmp/cs_cache}
 step=("$py" "$here/train_step.py" --compile --no-flops --warmup 10 --iters 120 --methods teacher,cwd,cskd ${STEP_ARGS:-})
 # shellcheck disable=SC2206
 loop=("$py" "$here/train_loop.py" --data "$data" --images 256 --set data.workers=14 ${LOOP_ARGS:-})
+val=("$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 --set data.workers=14)
 # a cold start-up: few images and iterations, its own data (the loop's 256-image folder is kept for the loop stages)
 startup=(--data "$data.start" --images 32 --set "data.cache=$cache.start" --iterations 40 --window 20 --step-iters 10)
 
@@ -124,18 +125,12 @@ for stage in "$@"; do
             --methods cwd,cskd --batch "$b" --size $size --out "$out/train_step_h200_scaling_$tag.json"
         done
       done ;;
-    val) run val "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 --set data.workers=14 \
-           --out "$out/validation_h200.json" ;;
-    val_native) run val_native "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 \
-                  --set data.workers=14 --set train.dilated_convs=native --out "$out/validation_h200_native.json" ;;
-    val_b2) run val_b2 "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 \
-              --set data.workers=14 --set eval.batch_size=2 --out "$out/validation_h200_b2.json" ;;
-    val_fold) run val_fold "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 \
-                --set data.workers=14 --set eval.fold_batchnorm=true --out "$out/validation_h200_fold.json" ;;
-    val_compile) run val_compile "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 \
-                   --set data.workers=14 --set eval.compile=true --out "$out/validation_h200_compile.json" ;;
-    val_profile) run val_profile "$py" "$here/validation.py" --data "${VAL_DATA:-/tmp/cs_val}" --images 64 \
-                   --set data.workers=14 --rounds 4 --profile --out "$out/validation_h200_profile.json" ;;
+    val) run val "${val[@]}" --out "$out/validation_h200.json" ;;
+    val_native) run val_native "${val[@]}" --set train.dilated_convs=native --out "$out/validation_h200_native.json" ;;
+    val_b2) run val_b2 "${val[@]}" --set eval.batch_size=2 --out "$out/validation_h200_b2.json" ;;
+    val_fold) run val_fold "${val[@]}" --set eval.fold_batchnorm=true --out "$out/validation_h200_fold.json" ;;
+    val_compile) run val_compile "${val[@]}" --set eval.compile=true --out "$out/validation_h200_compile.json" ;;
+    val_profile) run val_profile "${val[@]}" --rounds 4 --profile --out "$out/validation_h200_profile.json" ;;
     tests) run tests "$py" -m pytest -q -n 8 -p no:cacheprovider --timeout=600 -rfs "$here/../tests" ;;
     *) echo "unknown stage '$stage' (levers kernels kernels_ce kernels_pool kernels_metric tests_kernels step step_fused_ce step_fused_pool step_s2b step_fp8 step_cg step_unfused step_native step_stream profile loop loop_warm loop_cg loop_nocache startup startup_profile step_nograph step_head scaling val val_native val_b2 val_fold val_compile val_profile tests)"; exit 2 ;;
   esac
