@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from cskd.engine import fused_ce
 from cskd.engine.step import _interpolation_matrix, segmentation_ce
-from triton_kernels import engine_step_both_ways, run_interpreted, step_both_ways
+from triton_kernels import (assert_switch_refused_off_cuda, engine_step_both_ways, run_interpreted,
+                            step_both_ways)
 
 pytestmark = pytest.mark.skipif(fused_ce.triton is None, reason="needs Triton")
 
@@ -101,22 +102,11 @@ def test_lanes_cover_every_run_with_power_of_two_tiles() -> None:
 
 
 def test_fused_ce_is_refused_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cskd.engine.config import config_from_dict
-
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x = torch.randn(1, 3, 2, 2)
     with pytest.raises(RuntimeError, match="CUDA and Triton"):
         fused_ce.fused_upsampled_ce(x, torch.zeros(1, 4, 4, dtype=torch.long), torch.ones(4, 2))
-    cfg = config_from_dict({"train": {"device": "cpu"}}, "test")
-    assert cfg.train.fuses_ce(torch.device("cpu")) is False  # null: the tensor version off CUDA
-    from cskd.distributed import DistEnv
-    from cskd.engine.runner import StepRunner
-    from cskd.errors import ConfigError
-
-    cfg = config_from_dict({"model": {"model": "fcn", "backbone": "resnet18", "aux": False},
-                            "train": {"device": "cpu", "fused_ce": True, "batch_size": 2}}, "test")
-    with pytest.raises(ConfigError, match="train.fused_ce=true needs CUDA"):
-        StepRunner(cfg, 3, DistEnv(0, 1, 0, torch.device("cpu")), 2)
+    assert_switch_refused_off_cuda("fused_ce")  # null: the tensor version off CUDA
 
 
 @cuda

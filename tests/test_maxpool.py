@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cskd.models import maxpool
-from triton_kernels import engine_step_both_ways, run_interpreted, step_both_ways
+from triton_kernels import (assert_switch_refused_off_cuda, engine_step_both_ways, run_interpreted,
+                            step_both_ways)
 
 pytestmark = pytest.mark.skipif(maxpool.triton is None, reason="needs Triton")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -140,18 +141,8 @@ def test_only_plain_3x3_stride_2_pools_are_swapped() -> None:
 
 
 def test_fused_maxpool_is_refused_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cskd.distributed import DistEnv
-    from cskd.engine.config import config_from_dict
-    from cskd.engine.runner import StepRunner
-    from cskd.errors import ConfigError
-
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    cfg = config_from_dict({"train": {"device": "cpu"}}, "test")
-    assert cfg.train.fuses_maxpool(torch.device("cpu")) is False  # null: nn.MaxPool2d off CUDA
-    cfg = config_from_dict({"model": {"model": "fcn", "backbone": "resnet18", "aux": False},
-                            "train": {"device": "cpu", "fused_maxpool": True, "batch_size": 2}}, "test")
-    with pytest.raises(ConfigError, match="train.fused_maxpool=true needs CUDA"):
-        StepRunner(cfg, 3, DistEnv(0, 1, 0, torch.device("cpu")), 2)
+    assert_switch_refused_off_cuda("fused_maxpool")  # null: nn.MaxPool2d off CUDA
 
 
 @cuda

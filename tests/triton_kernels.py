@@ -22,6 +22,28 @@ def run_interpreted(code: str, *args: str) -> Any:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def assert_switch_refused_off_cuda(key: str) -> None:
+    """``train.<key>`` (``fused_ce``, ``fused_maxpool``) on the CPU without Triton's interpreter (the caller unsets
+    ``TRITON_INTERPRET``): null settles to off, and true makes the runner raise the config error naming the key."""
+    import pytest
+
+    from cskd.distributed import DistEnv
+    from cskd.engine.config import config_from_dict
+    from cskd.engine.runner import StepRunner
+    from cskd.errors import ConfigError
+
+    cpu = torch.device("cpu")
+
+    def config(value: bool | None) -> Any:
+        return config_from_dict({"model": {"model": "fcn", "backbone": "resnet18", "aux": False},
+                                 "train": {"device": "cpu", key: value, "batch_size": 2}}, "test")
+
+    settled = getattr(config(None).train, "fuses_" + key.removeprefix("fused_"))
+    assert settled(cpu) is False  # null: off CUDA
+    with pytest.raises(ConfigError, match=f"train.{key}=true needs CUDA"):
+        StepRunner(config(True), 3, DistEnv(0, 1, 0, cpu), 2)
+
+
 def step_both_ways(key: str, device: str, crop: tuple[int, int]) -> list[dict[str, Any]]:
     """One eager float32 step of the engine (DeepLabV3-R18, B = 2) with ``train.<key>`` true, then false, from the
     same seed: which kernels it used, its cross-entropy terms, the norm of each parameter's gradient, and the
