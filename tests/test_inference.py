@@ -291,6 +291,33 @@ def test_cli_eval_writes_metrics_beside_the_checkpoint(tmp_path, fake_data, caps
     assert (ckpt.parent / "best_val_slide_flip.csv").exists() and (ckpt.parent / "best_val_slide_flip.md").exists()
 
 
+@pytest.mark.parametrize(("flag", "in_config", "folded"),
+                         [("--fold-batchnorm", False, True), (None, True, True), ("--no-fold-batchnorm", True, False)])
+def test_cli_eval_folds_batchnorm_on_request_and_scores_the_same(tmp_path, fake_data, capsys, monkeypatch, flag,
+                                                                  in_config, folded) -> None:
+    import cskd.evaluation
+
+    cfg = {"data": {"dataset": "tiny", "root": "x", "val_split": "val"}, "eval": {"fold_batchnorm": in_config}}
+    net, ckpt = _checkpoint(tmp_path, cfg)
+    scored = []
+
+    def spy(model, *a, **k):
+        scored.append(model)
+        return evaluate(model, *a, **k)
+
+    monkeypatch.setattr(cskd.evaluation, "evaluate", spy)
+    code = main(["eval", str(ckpt), "--device", "cpu", "--workers", "0", "--no-progress"] + ([flag] if flag else []))
+    assert code == 0
+    assert ("BatchNorms folded" in capsys.readouterr().out) is folded
+    batchnorms = [m for m in scored[0].modules() if isinstance(m, nn.BatchNorm2d)]
+    assert (len(batchnorms) == 0) is folded
+    data = json.loads((ckpt.parent / "best_val_whole.json").read_text())
+    assert data["run"]["fold_batchnorm"] is folded
+    expected = evaluate(net.eval(), DataLoader(TinySet(n=3, sizes=((32, 48),)), collate_fn=collate_eval),
+                        num_classes=K, device="cpu", progress=False)
+    assert data["miou"] == pytest.approx(expected.miou, abs=1e-6)
+
+
 def test_cli_eval_bare_state_dict_needs_the_architecture(tmp_path, fake_data, capsys) -> None:
     net = build_segmentor("deeplabv3", "mobilenetv2", K)
     bare = tmp_path / "bare.pth"

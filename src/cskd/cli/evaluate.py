@@ -18,6 +18,7 @@ from ..distributed import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..evaluation.inference import MODES, resolve_amp
 from ..checkpoints.loading import LoadedModel, load_model
+from ..models.epilogue import frozen_copy
 from ..models.segmentor import MODELS, Segmentor
 
 # ------------------------------------------------------------------------------------------- shared with predict
@@ -43,6 +44,9 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", default="auto", help="autocast dtype: auto (bf16 on CUDA, none on CPU), bf16, fp16, none")
     g.add_argument("--align-corners", action=argparse.BooleanOptionalAction, default=True,
                    help="resize logits with align_corners=True, as the published code (default)")
+    g.add_argument("--fold-batchnorm", action=argparse.BooleanOptionalAction, default=None,
+                   help="run a frozen copy: BatchNorms folded into their convs, conv epilogues in cuDNN's call on "
+                   "CUDA, weights in the autocast dtype (default: the checkpoint's eval.fold_batchnorm, else off)")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -76,6 +80,13 @@ def inference_options(args: argparse.Namespace, config: Mapping[str, Any] | None
     }
 
 
+def fold_option(args: argparse.Namespace, config: Mapping[str, Any] | None) -> bool:
+    """--fold-batchnorm, else the checkpoint's ``eval.fold_batchnorm``, else off."""
+    if args.fold_batchnorm is not None:
+        return bool(args.fold_batchnorm)
+    return bool(dict((config or {}).get("eval") or {}).get("fold_batchnorm", False))
+
+
 def amp_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
     try:
         return resolve_amp(args.amp, device)
@@ -83,7 +94,8 @@ def amp_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | N
         raise ConfigError(f"--amp: {e}") from None
 
 
-def describe_inference(opts: Mapping[str, Any], amp: torch.dtype | None, device: torch.device) -> str:
+def describe_inference(opts: Mapping[str, Any], amp: torch.dtype | None, device: torch.device,
+                       fold: bool = False) -> str:
     mode = opts["mode"]
     if mode == "slide":
         mode += f" crop {opts['crop_size'][0]}×{opts['crop_size'][1]}"
@@ -91,7 +103,8 @@ def describe_inference(opts: Mapping[str, Any], amp: torch.dtype | None, device:
             mode += f" stride {opts['stride'][0]}×{opts['stride'][1]}"
     scales = ", ".join(f"{s:g}" for s in opts["scales"])
     amp_s = str(amp).replace("torch.", "") if amp else "fp32"
-    return f"{mode}, scales {scales}{', flip' if opts['flip'] else ''}, {amp_s} on {device}"
+    return (f"{mode}, scales {scales}{', flip' if opts['flip'] else ''}{', BatchNorms folded' if fold else ''}, "
+            f"{amp_s} on {device}")
 
 
 def open_dataset(name: str, root: str | Path, split: str) -> Any:
@@ -100,8 +113,13 @@ def open_dataset(name: str, root: str | Path, split: str) -> Any:
     return build_dataset(name, str(root), split, transform=build_eval_transform())
 
 
-def prepare_model(loaded: LoadedModel, device: torch.device) -> Segmentor:
+def prepare_model(loaded: LoadedModel, device: torch.device, *, fold: bool = False,
+                  dtype: torch.dtype | None = None) -> Segmentor:
+    """The loaded model on ``device`` in eval mode; with ``fold``, its frozen copy (BatchNorms folded, weights in
+    ``dtype``, the autocast dtype), as validation's ``eval.fold_batchnorm`` scores it."""
     net = loaded.model.to(device).eval()
+    if fold:
+        net = frozen_copy(net, dtype)
     if device.type == "cuda":  # NHWC convolutions are the fast path for cuDNN under bf16
         net = net.to(memory_format=torch.channels_last)
     return net
@@ -149,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     split = args.split or data_cfg.get("val_split") or "val"
     opts = inference_options(args, loaded.config)
     amp = amp_dtype(args, device)
+    fold = fold_option(args, loaded.config)
 
     dataset = full = open_dataset(name, root, split)
     num_classes = int(full.num_classes)
@@ -161,9 +180,9 @@ def run(args: argparse.Namespace) -> int:
         dataset = Subset(dataset, range(min(args.max_images, len(dataset))))
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         pin_memory=device.type == "cuda", collate_fn=collate_eval)
-    net = prepare_model(loaded, device)
+    net = prepare_model(loaded, device, fold=fold, dtype=amp)
     print(f"{args.checkpoint}: {loaded.label} on {name}/{split} ({len(dataset)} images), "
-          f"{describe_inference(opts, amp, device)}")
+          f"{describe_inference(opts, amp, device, fold)}")
     start = time.perf_counter()
     metrics = evaluate(net, loader, num_classes=num_classes, device=device, amp_dtype=amp,
                        progress=not args.no_progress, **opts)
@@ -179,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint), "model": loaded.label, "dataset": name, "root": str(root),
         "split": split, "images": len(dataset), **{k: (list(v) if isinstance(v, tuple) else v)
                                                    for k, v in opts.items()},
-        "amp": str(amp).replace("torch.", "") if amp else None, "device": str(device),
+        "amp": str(amp).replace("torch.", "") if amp else None, "fold_batchnorm": fold, "device": str(device),
         "seconds": round(seconds, 2),
     }
     paths = metrics.save(args.out or args.checkpoint.parent, stem=stem, class_names=class_names, extra=run_info)
@@ -187,5 +206,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["LoadedModel", "add_inference_args", "add_model_args", "add_runtime_args", "inference_options",
-           "load_model", "open_dataset", "prepare_model", "register", "resolve_device", "run"]
+__all__ = ["LoadedModel", "add_inference_args", "add_model_args", "add_runtime_args", "fold_option",
+           "inference_options", "load_model", "open_dataset", "prepare_model", "register", "resolve_device", "run"]

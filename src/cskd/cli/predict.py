@@ -26,6 +26,7 @@ from .evaluate import (
     add_runtime_args,
     amp_dtype,
     describe_inference,
+    fold_option,
     inference_options,
     load_model,
     open_dataset,
@@ -158,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
                               f"{loaded.model.num_classes}; a panel compares models of one dataset")
     opts = inference_options(args, loaded.config)
     amp = amp_dtype(args, device)
+    fold = fold_option(args, loaded.config)
     if args.format == "cityscapes-submission" and loaded.model.num_classes != _CITYSCAPES_IDS:
         raise ConfigError(f"--format cityscapes-submission needs a 19-class Cityscapes model; {args.checkpoint} "
                           f"predicts {loaded.model.num_classes} classes")
@@ -191,9 +193,9 @@ def run(args: argparse.Namespace) -> int:
         source = f"{len(paths)} image(s)"
 
     palette = _palette(loaded, dataset)
-    net = prepare_model(loaded, device)
-    tnet = prepare_model(teacher, device) if teacher is not None else None
-    print(f"{args.checkpoint}: {loaded.label} on {source}, {describe_inference(opts, amp, device)} → {args.out} "
+    net = prepare_model(loaded, device, fold=fold, dtype=amp)
+    tnet = prepare_model(teacher, device, fold=fold, dtype=amp) if teacher is not None else None
+    print(f"{args.checkpoint}: {loaded.label} on {source}, {describe_inference(opts, amp, device, fold)} → {args.out} "
           f"({args.format})")
     args.out.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(items, batch_size=1, shuffle=False, num_workers=args.workers, collate_fn=collate_eval)
