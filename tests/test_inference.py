@@ -18,6 +18,7 @@ from cskd.cli import main
 from cskd.data.normalize import normalize
 from cskd.errors import DataError
 from cskd.evaluation import collate_eval, evaluate, predict_logits, window_starts
+from cskd.evaluation.evaluate import Uploader
 from cskd.models import build_segmentor
 from cskd.models.segmentor import SegOutput
 
@@ -244,6 +245,28 @@ def test_evaluate_stacked_batches_match_single_images() -> None:
 def test_evaluate_needs_masks() -> None:
     with pytest.raises(DataError, match="no 'mask'"):
         evaluate(Pointwise(), DataLoader(TinySet(labelled=False)), num_classes=K, device="cpu", progress=False)
+
+
+def test_uploader_copies_to_the_device_off_cuda() -> None:
+    upload = Uploader(torch.device("cpu"))
+    assert upload.stream is None
+    image, mask = torch.randint(0, 256, (1, 3, 4, 5), dtype=torch.uint8), torch.randint(0, K, (1, 4, 5))
+    x, t = upload(image, mask)
+    assert torch.equal(x, image) and torch.equal(t, mask)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_uploader_copies_on_a_side_stream_that_the_compute_stream_waits_for() -> None:
+    upload = Uploader(torch.device("cuda"))
+    assert upload.stream is not None and upload.stream != torch.cuda.current_stream()
+    hosts = [torch.randint(0, 256, (1, 3, 256, 512), dtype=torch.uint8).pin_memory() for _ in range(6)]
+    sums = []
+    for host in hosts:
+        with torch.cuda.stream(upload.stream):  # delay the copy: a compute stream that did not wait would read early
+            torch.cuda._sleep(20_000_000)
+        (x,) = upload(host)
+        sums.append(x.sum(dtype=torch.int64))
+    assert [int(s) for s in sums] == [int(h.sum(dtype=torch.int64)) for h in hosts]
 
 
 # ------------------------------------------------------------------------------------------------ cskd eval
