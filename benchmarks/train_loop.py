@@ -38,7 +38,7 @@ import torch
 from cskd.data import synthetic
 from cskd.engine.config import ExperimentConfig, apply_overrides, config_from_dict, expand_method, read_yaml
 from cskd.engine.trainer import Trainer
-from cskd.timing import cpu_name
+from cskd.timing import cpu_name, describe_phases, dynamo_timers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import time_steps  # noqa: E402
@@ -85,21 +85,10 @@ def windows(history: list[dict[str, Any]], batch: int, warmup_steps: int) -> lis
     return rows
 
 
-def _dynamo_timers() -> dict[str, float]:
-    """Dynamo's aggregate timers (seconds by timed function) so far; empty where this torch has none."""
-    try:
-        from torch._dynamo.utils import compile_times
-
-        names, values = compile_times(repr="csv", aggregate=True)
-    except Exception:  # noqa: BLE001 - a private API: report nothing rather than fail the benchmark
-        return {}
-    return dict(zip(names, (float(v) for v in values)))
-
-
 def compile_timers(top: int = 40) -> dict[str, float]:
     """The ``top`` largest of dynamo's timers, largest first: the whole table behind :func:`compile_phases`
     (nested timers overlap, so they do not add up)."""
-    return dict(sorted(_dynamo_timers().items(), key=lambda kv: -kv[1])[:top])
+    return dict(sorted(dynamo_timers().items(), key=lambda kv: -kv[1])[:top])
 
 
 def compile_phases() -> dict[str, float]:
@@ -109,7 +98,7 @@ def compile_phases() -> dict[str, float]:
     the total, dynamo's bytecode tracing, inductor (forward and backward graphs) and the wait for its parallel
     kernel builds. Empty where this torch has no such timers. What the first step spends beyond the total is
     cuDNN's autotuning and the first runs of the kernels."""
-    times = _dynamo_timers()
+    times = dynamo_timers()
     keys = {"frames": "_compile.compile_inner", "backward_graphs": "backward._backward_impl",
             "dynamo_tracing": "bytecode_tracing", "inductor": "compile_fx_inner",
             "kernel_builds_wait": "async_compile.wait"}
@@ -188,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         "workers": cfg.data.workers,
         "iterations": result.iterations, "windows": wins, "loop_img_per_s": loop_ips,
         "loop_img_per_s_after_first_window": steady_ips, "first_step_s": result.warmup_seconds,
-        "startup_s": result.startup_seconds, "compile_s": compile_s, "compile_timers": timers,
+        "startup_s": result.startup_seconds, "first_step_phases": result.first_step_phases,
+        "compile_s": compile_s, "compile_timers": timers,
         "step_median_s": step_s, "step_img_per_s": step_ips, "ratio": loop_ips / step_ips,
         "ratio_after_first_window": steady_ips / step_ips,
         "data_wait_s": result.data_wait_seconds, "data_wait_share": result.data_wait_seconds / result.train_seconds
@@ -209,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{compile_s.get('backward_graphs', 0.0):.1f} s; of the total: dynamo tracing "
               f"{compile_s.get('dynamo_tracing', 0.0):.1f} s, inductor {compile_s.get('inductor', 0.0):.1f} s, "
               f"waiting for kernel builds {compile_s.get('kernel_builds_wait', 0.0):.1f} s)")
+    if result.first_step_phases:
+        print(f"first step by phase: {describe_phases(result.first_step_phases)}")
     if timers:
         print("torch.compile's largest timers (nested ones overlap): " + ", ".join(
             f"{name} {sec:.1f} s" for name, sec in list(timers.items())[:12]))

@@ -41,6 +41,12 @@ def test_train_loop_benchmark_on_cpu(tmp_path, capsys, monkeypatch):
     assert prof.count("Ordered by: cumulative time") == 1 and prof.count("Ordered by: internal time") == 1
     assert "(fit)" in prof and "(step)" in prof
     assert isinstance(res["compile_timers"], dict)  # eager on the CPU: no timers, an empty table
+    # the first step by phase: each phase's wall time, within the start-up (which also holds the set-up)
+    phases = res["first_step_phases"]
+    assert list(phases) == ["teacher", "student and losses", "backward", "optimizer"]
+    assert all(row["seconds"] >= 0 and set(row) == {"seconds", "compile", "autotune"} for row in phases.values())
+    assert sum(row["seconds"] for row in phases.values()) <= res["startup_s"]
+    assert "first step by phase: teacher" in text
     assert res["step_img_per_s"] > 0 and abs(res["ratio"] - res["loop_img_per_s"] / res["step_img_per_s"]) < 1e-9
     # the generated tree is in the Cityscapes layout that the config's dataset reads
     assert len(list((tmp_path / "cs" / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))) == 4

@@ -105,8 +105,16 @@ def test_summary_reports_startup_and_first_validation_seconds(synth_root: Path, 
     val = read_records(tmp_path / "run" / "log.jsonl", "val")[-1]
     assert val["seconds"] > 0 and val["first_batch_seconds"] > 0
     assert val["images_per_second"] > 0  # 2 images, batch 1: one batch after the first
-    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done:")]
+    out = capsys.readouterr().out.splitlines()
+    done = [line for line in out if line.startswith("done:")]
     assert done and "start-up" in done[0] and "first validation" in done[0]
+    # the first step by phase: within the first step's time, in the summary and on the closing lines
+    phases = result.first_step_phases
+    # (a run without a teacher has no teacher phase; the loop benchmark's test has one)
+    assert phases is not None and list(phases) == ["student and losses", "backward", "optimizer"]
+    assert sum(row["seconds"] for row in phases.values()) <= result.warmup_seconds
+    assert summary["first_step_phases"] == phases
+    assert any(line.startswith("first step of this process: ") for line in out)
 
 
 def test_existing_run_is_not_overwritten(synth_root: Path, tmp_path: Path) -> None:

@@ -36,6 +36,68 @@ class WaitClock(Generic[T]):
             self.seconds += time.perf_counter() - start
 
 
+def dynamo_timers() -> dict[str, float]:
+    """torch.compile's aggregate timers in this process so far (seconds by timed function; nested ones overlap);
+    empty where this torch has none (a private API: a missing one reports nothing rather than fail)."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+    except Exception:  # noqa: BLE001
+        return {}
+    return dict(zip(names, (float(v) for v in values)))
+
+
+#: The timers :func:`compile_seconds` adds up. A frame's timer holds its tracing and its forward graph's compile;
+#: AOTAutograd compiles a backward graph lazily, at its first backward, outside it. Triton benchmarks each
+#: kernel's configs at its first run, after the compile.
+_COMPILE_TIMERS = {"compile": ("_compile.compile_inner", "backward._backward_impl"),
+                   "autotune": ("CachingAutotuner.benchmark_all_configs",)}
+
+
+def compile_seconds() -> dict[str, float]:
+    """Seconds this process spent so far in torch.compile (``compile``: frames and backward graphs) and in Triton's
+    first-run autotuning (``autotune``); zeros where torch keeps no timers."""
+    timers = dynamo_timers()
+    return {k: sum(timers.get(name, 0.0) for name in names) for k, names in _COMPILE_TIMERS.items()}
+
+
+class PhaseClock:
+    """Wall seconds of the consecutive phases of one piece of work (the device synchronised at each boundary, so a
+    phase's kernels count in it), and how much of each went to ``counters`` (default :func:`compile_seconds`).
+    What a phase spends beyond them is its own work: for a first step, cuDNN's autotuning and the first launches."""
+
+    def __init__(self, device: torch.device | str, counters: Callable[[], dict[str, float]] = compile_seconds) -> None:
+        self.device = torch.device(device)
+        self.counters = counters
+        self.phases: dict[str, dict[str, float]] = {}
+        self._sync()
+        self._time, self._counts = time.perf_counter(), counters()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def mark(self, phase: str) -> None:
+        """End ``phase`` now (a repeated name adds up)."""
+        self._sync()
+        now, counts = time.perf_counter(), self.counters()
+        row = self.phases.setdefault(phase, {"seconds": 0.0, **{k: 0.0 for k in counts}})
+        row["seconds"] += now - self._time
+        for k, v in counts.items():
+            row[k] = row.get(k, 0.0) + v - self._counts.get(k, 0.0)
+        self._time, self._counts = now, counts
+
+
+def describe_phases(phases: dict[str, dict[str, float]]) -> str:
+    """``teacher 30.1 s (compile 25.0, autotune 1.2), …`` (counters at zero left out)."""
+    parts = []
+    for name, row in phases.items():
+        inner = ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k != "seconds" and v >= 0.05)
+        parts.append(f"{name} {row['seconds']:.1f} s" + (f" ({inner})" if inner else ""))
+    return "; ".join(parts)
+
+
 def time_calls(
     fn: Callable[[], Any], *, warmup: int, iters: int, cuda: bool, time_budget_s: float | None = None
 ) -> tuple[list[float], float]:
@@ -113,4 +175,5 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
     return env
 
 
-__all__ = ["MIN_TIMED", "WaitClock", "cpu_name", "environment", "time_calls"]
+__all__ = ["MIN_TIMED", "PhaseClock", "WaitClock", "compile_seconds", "cpu_name", "describe_phases",
+           "dynamo_timers", "environment", "time_calls"]

@@ -32,6 +32,7 @@ from ..models.epilogue import fuse_conv_epilogues_
 from ..models.fp8 import cpu_scaled_mm_available, quantize_1x1_fp8_
 from ..models.fusion import fold_batchnorm_
 from ..models.segmentor import SegOutput, Segmentor
+from ..timing import PhaseClock
 from .auxiliary import AuxiliaryOptimizers
 from .compile_cache import CompileCache, default_root
 from .config import ExperimentConfig
@@ -132,6 +133,10 @@ class StepRunner:
                                          exclude=self.auxiliary.owns)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.set_schedule(train_cfg.budget.iterations or 1)
+        self.first_step_phases: dict[str, dict[str, float]] | None = None
+        """Where this process's first step went (:class:`~cskd.timing.PhaseClock`: the teacher's forward, the
+        student's with the losses, the backward, the optimiser; wall seconds, and of each torch.compile's and
+        Triton's autotuning): that step compiles everything. Set by that step."""
 
     # ------------------------------------------------------------------------------------------------ building
 
@@ -371,6 +376,8 @@ class StepRunner:
         """One optimisation step; returns the total loss and its terms, detached, on the device (no host sync).
         ``next_x``: the next step's images, with ``train.teacher_stream: pipeline`` (their teacher forward is
         launched before this step's backward and used by the next call whose ``x`` is that same tensor)."""
+        # The first step compiles and autotunes everything: its phases are timed (device syncs, on that step only).
+        clock = PhaseClock(self.device) if self.first_step_phases is None else None
         if self.cudagraphs:  # a new iteration: CUDA-graph outputs of the previous one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         pending, self._pending = self._pending, None
@@ -378,12 +385,18 @@ class StepRunner:
             _, teacher_out, ready = pending
         else:
             teacher_out, ready = self._launch_teacher(x)
+        if clock is not None and self.teacher is not None:
+            clock.mark("teacher")
         with self.autocast():
             total, terms = self._forward(x, masks, teacher_out, teacher_ready=ready)
         if next_x is not None and self.pipelines_teacher:
             self._pending = (next_x, *self._launch_teacher(next_x))
+        if clock is not None:
+            clock.mark("student and losses")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        if clock is not None:
+            clock.mark("backward")
         if self.pre_step_losses:
             self.scaler.unscale_(self.optimizer)
             for loss in self.pre_step_losses:
@@ -398,6 +411,9 @@ class StepRunner:
             if set(aux_terms) & set(terms):
                 raise RuntimeError(f"auxiliary terms {sorted(set(aux_terms) & set(terms))} clash with loss terms")
             terms = {**terms, **aux_terms}
+        if clock is not None:
+            clock.mark("optimizer")
+            self.first_step_phases = clock.phases
         # Copies (scalars): the values outlive this step, and CUDA-graph outputs are reused by the next replay.
         return total.detach().clone(), {k: v.detach().float().clone() for k, v in terms.items()}
 

@@ -35,7 +35,7 @@ from ..checkpoints.files import (atomic_save, capture_rng, first_nonfinite, name
 from ..checkpoints.weights import load_weights
 from ..models.epilogue import frozen_copy
 from ..distributed import DistEnv, all_gather_objects, barrier, init_distributed
-from ..timing import WaitClock
+from ..timing import WaitClock, describe_phases
 from .config import ExperimentConfig, save_config
 from .records import RunRecorder, read_records
 from .runlock import RunLock
@@ -113,6 +113,10 @@ class TrainResult:
     data_wait_seconds: float = 0.0
     """Of ``train_seconds``, the host's wait for the next batch: near 0 when the loader keeps up with the step;
     a large share means the run is loader-bound (more ``data.workers``, ``data.cache``, GPU decode)."""
+    first_step_phases: dict[str, dict[str, float]] | None = None
+    """Where this process's first step went, by phase (teacher, student and losses, backward, optimizer): wall
+    seconds, and of them torch.compile's (``compile``) and Triton's first-run autotuning (``autotune``); the rest
+    of a phase is cuDNN's autotuning and the first runs. See :class:`~cskd.timing.PhaseClock`."""
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -638,7 +642,7 @@ class Trainer:
             final_metrics=metrics.to_dict() if metrics is not None else None,
             images_per_second=((self.iteration - self.warmup_steps) * self.cfg.train.batch_size / self.train_seconds)
             if self.train_seconds else 0.0,
-            data_wait_seconds=self.data_wait_seconds,
+            data_wait_seconds=self.data_wait_seconds, first_step_phases=self.runner.first_step_phases,
             history=read_records(self.run_dir / "log.jsonl") if self.env.is_main else [],
         )
 
@@ -649,6 +653,7 @@ class Trainer:
             "planned_seconds": result.planned_seconds, "eval_seconds": result.eval_seconds,
             "warmup_seconds": result.warmup_seconds, "startup_seconds": result.startup_seconds,
             "startup_from": "Trainer start to the end of the first training step of this process",
+            "first_step_phases": result.first_step_phases,
             "first_val_seconds": result.first_val_seconds,
             "first_val_first_batch_seconds": result.first_val_first_batch_seconds,
             "checkpoint_seconds": result.checkpoint_seconds, "images_per_second": result.images_per_second,
@@ -668,6 +673,9 @@ class Trainer:
               f"({result.images_per_second:.1f} img/s; waiting for data {result.data_wait_seconds:.1f} s of it; "
               f"first step {self.warmup_seconds:.1f} s, not counted"
               f"{startup}{first_val}), {best}; checkpoints in {self.run_dir}", flush=True)
+        if result.first_step_phases:
+            print(f"first step of this process: {describe_phases(result.first_step_phases)} (wall seconds; of them "
+                  "torch.compile and Triton's autotuning)", flush=True)
 
     def _kept(self, path: Path | None = None) -> str:
         last = self.run_dir / "last.pt"
