@@ -34,7 +34,7 @@ from cskd.distributed import DistEnv
 from cskd.engine.config import apply_overrides, config_from_dict
 from cskd.losses.methods import get_method
 from cskd.engine.runner import StepRunner
-from cskd.timing import cpu_name, time_calls
+from cskd.timing import cpu_name, describe_phases, time_calls
 
 # Rows beside the registered methods: the student alone, and the teacher's forward + the student alone.
 EXTRA_ROWS: dict[str, tuple[bool, list[dict[str, Any]]]] = {"student": (False, []), "teacher": (True, [])}
@@ -167,9 +167,12 @@ def main(argv: list[str] | None = None) -> None:
             # every timed step in order (where a slow p90 comes from), and the garbage collections meanwhile
             "step_s": times, "gc_collections": len(pauses), "gc_seconds": sum(pauses),
             "dilated_convs": runner.cfg.train.resolved_dilated_convs(device),  # what "auto" chose here
+            # this runner's first step by phase: its compile (what earlier methods compiled comes from the caches)
+            "first_step": runner.first_step_phases,
         }
         rows.append(row)
-        print(f"{method}: {med * 1000:.1f} ms/step, {row['img_per_s']:.1f} img/s", flush=True)
+        print(f"{method}: {med * 1000:.1f} ms/step, {row['img_per_s']:.1f} img/s; first step: "
+              f"{describe_phases(runner.first_step_phases or {})}", flush=True)
         del runner
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -31,6 +31,8 @@ def test_rows_carry_every_timed_step(tmp_path):
     assert len(row["step_s"]) == 3 and all(t > 0 for t in row["step_s"])
     assert sorted(row["step_s"])[1] == row["median_s"]
     assert row["gc_collections"] >= 0 and row["gc_seconds"] >= 0
+    # the runner's first step by phase (a student alone: no teacher phase)
+    assert list(row["first_step"]) == ["student and losses", "backward", "optimizer"]
 
 
 def test_profile_prints_kernels_by_shape_and_the_host_time_per_step(tmp_path, capsys):
