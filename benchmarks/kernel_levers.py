@@ -34,16 +34,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cskd._triton import available as triton_available
 from cskd.constants import IGNORE_INDEX
 from cskd.engine import fused_ce
-from cskd.engine.fused_ce import available as fused_ce_available, fused_upsampled_ce
+from cskd.engine.fused_ce import fused_upsampled_ce
 from cskd.engine.step import _upsampled_ce, segmentation_ce
 from cskd.evaluation.metrics import ConfusionMatrix
 from cskd.models.atrous import row_taps_dilated_
 from cskd.models.epilogue import ConvReLU, fuse_conv_epilogues_
 from cskd.models.fusion import fold_batchnorm_
 from cskd.models import maxpool
-from cskd.models.maxpool import TritonMaxPool, available as maxpool_available
+from cskd.models.maxpool import TritonMaxPool
 from cskd.models.segmentor import build_segmentor
 from cskd.timing import time_calls
 
@@ -69,7 +70,7 @@ def ce_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
     targets[:, : h // 10] = 255
     variants: list[tuple[str, Callable[..., Tensor] | None]] = [
         ("eager", None), ("compiled", torch.compile(_upsampled_ce, dynamic=False))]
-    if fused_ce_available(device):  # the default number of warps first
+    if triton_available(device):  # the default number of warps first
         for warps in dict.fromkeys((fused_ce.NUM_WARPS, 4, 8)):
             variants.append((f"fused (train.fused_ce), {warps} warps", functools.partial(_fused_with, warps=warps)))
         # the previous tiling: each run of output columns in one tile of the next power of two (16 lanes for 9)
@@ -175,7 +176,7 @@ def pool_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     gy = _layout(torch.randn(args.batch, 128, h // 4, w // 4, device=device, dtype=dtype), cuda)
     variants: list[tuple[str, Callable[[Tensor], Tensor]]] = [
         ("compiled nn.MaxPool2d", torch.compile(nn.MaxPool2d(3, 2, 1)))]
-    if maxpool_available(device):  # the default block first
+    if triton_available(device):  # the default block first
         for block in dict.fromkeys((maxpool.BLOCK_X, 16, 32)):
             variants.append((f"Triton (train.fused_maxpool), {block} columns per program",
                              functools.partial(_pool_with, block=block)))

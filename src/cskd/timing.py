@@ -16,6 +16,12 @@ MIN_TIMED = 3
 T = TypeVar("T")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing elsewhere, where work is done when the call returns."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class WaitClock(Generic[T]):
     """An iterator over ``items`` that adds up the host seconds spent waiting for each next item: a loop's wait for
     its data loader. A loop fed faster than it works waits ~0 (the batches are ready); a loop that waits for a
@@ -71,16 +77,12 @@ class PhaseClock:
         self.device = torch.device(device)
         self.counters = counters
         self.phases: dict[str, dict[str, float]] = {}
-        self._sync()
+        synchronize(self.device)
         self._time, self._counts = time.perf_counter(), counters()
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def mark(self, phase: str) -> None:
         """End ``phase`` now (a repeated name adds up)."""
-        self._sync()
+        synchronize(self.device)
         now, counts = time.perf_counter(), self.counters()
         row = self.phases.setdefault(phase, {"seconds": 0.0, **{k: 0.0 for k in counts}})
         row["seconds"] += now - self._time
@@ -176,4 +178,4 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
 
 
 __all__ = ["MIN_TIMED", "PhaseClock", "WaitClock", "compile_seconds", "cpu_name", "describe_phases",
-           "dynamo_timers", "environment", "time_calls"]
+           "dynamo_timers", "environment", "synchronize", "time_calls"]

@@ -194,4 +194,4 @@ def fused_upsampled_ce(logits: Tensor, targets: Tensor, mh: Tensor, mw: Tensor |
     return _UpsampledCE.apply(logits, targets, mh)
 
 
-__all__ = ["available", "fused_upsampled_ce"]
+__all__ = ["fused_upsampled_ce"]

@@ -32,7 +32,7 @@ from ..models.epilogue import fuse_conv_epilogues_
 from ..models.fp8 import cpu_scaled_mm_available, quantize_1x1_fp8_
 from ..models.fusion import fold_batchnorm_
 from ..models.segmentor import SegOutput, Segmentor
-from ..timing import PhaseClock
+from ..timing import PhaseClock, synchronize
 from .auxiliary import AuxiliaryOptimizers
 from .compile_cache import CompileCache, default_root
 from .config import ExperimentConfig
@@ -426,8 +426,7 @@ class StepRunner:
                 dist.broadcast(buf, 0)
 
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
     def random_batch(self, size: tuple[int, int], seed: int = 12345) -> dict[str, Tensor]:
         """A uint8 batch of the training size, for timing (a step's cost does not depend on the pixels)."""

@@ -16,7 +16,7 @@ from ..constants import IGNORE_INDEX
 from ..data.normalize import normalize
 from ..data.workers import iterate as iterate_loader
 from ..errors import DataError
-from ..timing import WaitClock
+from ..timing import WaitClock, synchronize
 from .inference import Mode, predict_logits
 from .metrics import ConfusionMatrix, SegMetrics
 
@@ -186,7 +186,7 @@ def evaluate(
                 cm.update(logits.argmax(1), target)
                 scored += target.shape[0]
             if timing is not None and first_done is None:
-                _sync(device)
+                synchronize(device)
                 first_done, first_scored = time.perf_counter(), scored
                 waited_at_first = batches.seconds
             if bar is not None:
@@ -202,11 +202,6 @@ def evaluate(
         timing["images_per_second"] = rest / (end - first_done) if first_done is not None and rest else float("nan")
         timing["loader_wait_seconds"] = batches.seconds - waited_at_first
     return metrics
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 __all__ = ["ShardSampler", "Uploader", "collate_eval", "eval_mode", "evaluate", "unwrap_model"]

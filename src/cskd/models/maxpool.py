@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._triton import available, tl, triton
+from .._triton import tl, triton
 
 K, S, P = 3, 2, 1
 BLOCK_X = 16
@@ -198,4 +198,4 @@ def _is_stem_pool(m: nn.MaxPool2d) -> bool:
             and pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices)
 
 
-__all__ = ["TritonMaxPool", "available", "max_pool_3x3s2", "triton_max_pools_"]
+__all__ = ["TritonMaxPool", "max_pool_3x3s2", "triton_max_pools_"]
