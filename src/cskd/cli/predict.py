@@ -195,8 +195,8 @@ def run(args: argparse.Namespace) -> int:
     palette = _palette(loaded, dataset)
     net = prepare_model(loaded, device, fold=fold, dtype=amp)
     tnet = prepare_model(teacher, device, fold=fold, dtype=amp) if teacher is not None else None
-    print(f"{args.checkpoint}: {loaded.label} on {source}, {describe_inference(opts, amp, device, fold)} → {args.out} "
-          f"({args.format})")
+    print(f"{args.checkpoint}: {loaded.label} on {source}, {describe_inference(opts, amp, device, fold)} "
+          f"→ {args.out} ({args.format})")
     args.out.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(items, batch_size=1, shuffle=False, num_workers=args.workers, collate_fn=collate_eval)
 

@@ -9,10 +9,10 @@ so it is deterministic.
 
 Exactly ``nn.MaxPool2d(3, 2, 1)``: the first maximum in scan order wins a tie (ReLU outputs tie at 0 often), a NaN
 wins as in ATen (and the last NaN of a window, as there), padding never wins (a window of -inf only is won by its
-first pixel inside the map), and the backward sums a pixel's
-gradients in float32 in the order ATen's CUDA kernel does (output rows, then columns, ascending). Any memory
-format (the engine's is channels-last). The ops are ``torch.library`` custom ops, so a compiled graph calls them
-as they are. Off CUDA they run only under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
+first pixel inside the map), and the backward sums a pixel's gradients in float32 in the order ATen's CUDA kernel
+does (output rows, then columns, ascending). Any memory format (the engine's is channels-last). The ops are
+``torch.library`` custom ops, so a compiled graph calls them as they are. Off CUDA they run only under Triton's
+interpreter (``TRITON_INTERPRET=1``), which the tests use.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ if triton is not None:
 
     @triton.jit
     def _offsets(b, r, xs, cs, sb, sc, sh, sw):
-        """Element offsets of row r, columns xs and channels cs of image b (int64: a large batch of full-resolution maps passes 2³¹ elements)."""
+        """Element offsets of row r, columns xs and channels cs of image b (int64: a large batch of full-resolution
+        maps passes 2³¹ elements)."""
         return b * sb + r.to(tl.int64) * sh + xs[:, None].to(tl.int64) * sw + cs[None, :].to(tl.int64) * sc
 
     @triton.jit
@@ -154,7 +155,8 @@ def _(grad: Tensor, code: Tensor, h: int, w: int) -> Tensor:
     return _like(code, (b, c, h, w), grad.dtype)
 
 
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Tensor],
+                   output: tuple[Tensor, Tensor]) -> None:
     ctx.save_for_backward(output[1])
     ctx.size = tuple(inputs[0].shape[-2:])
 
